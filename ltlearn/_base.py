@@ -1,0 +1,302 @@
+"""Base class of ltlearn's torch-backed classifiers.
+
+A subclass supplies its training loss (``_make_criterion``) and, if it needs
+one, a shift of the predicted logits (``_logit_shift``); validation, the
+normaliser, the head, the training loop, prediction and pickling live here.
+"""
+
+import io
+import math
+import warnings
+from abc import abstractmethod
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from ltlearn._training import LR_SCHEDULES, OPTIMIZERS, fit_module, resolve_device, torch_generator
+from ltlearn.exceptions import DeviceWarning
+from ltlearn.heads import HEADS, NORMALIZERS, make_head, make_normalizer
+
+# Rows per forward pass at predict time: bounds the memory of the logits and
+# activations without paying per-call overhead on ordinary sizes.
+_PREDICT_CHUNK = 65536
+
+
+def _float_tensor(X):
+    """A float32 CPU tensor over ``X``, sharing memory where the dtype allows."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    with warnings.catch_warnings():
+        # Read-only inputs (memory maps) are only read here, never written.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(X)
+
+
+def _resolve_schedule(batch_size, max_epochs, n_samples):
+    """Resolve ``"auto"`` batch size and epochs for ``n_samples`` training rows.
+
+    ``"auto"`` batches hold 1024 rows, fewer on small sets so that an epoch
+    still has about ten steps; ``"auto"`` epochs are 20, more on small sets so
+    that a fit has at least 250 optimizer steps.
+    """
+    if batch_size == "auto":
+        batch_size = min(1024, max(16, n_samples // 10))
+    if max_epochs == "auto":
+        max_epochs = max(20, math.ceil(250 / math.ceil(n_samples / batch_size)))
+    return batch_size, max_epochs
+
+
+def _check_known_labels(estimator, y):
+    """Raise if ``y`` holds labels that ``estimator`` never saw in fit."""
+    unseen = np.setdiff1d(np.unique(np.asarray(y)), estimator.classes_)
+    if unseen.size:
+        shown = ", ".join(repr(v) for v in unseen[:10].tolist())
+        raise ValueError(
+            f"y contains {unseen.size} label(s) never seen during fit: {shown}. "
+            f"{type(estimator).__name__} was fitted on classes {estimator.classes_.tolist()}."
+        )
+
+
+class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
+    """Shared machinery of classifiers that train a torch head on fixed features."""
+
+    _parameter_constraints: dict = {
+        "head": [StrOptions(set(HEADS))],
+        "hidden_size": [Interval(Integral, 1, None, closed="left")],
+        "cosine_scale": [Interval(Real, 0, None, closed="neither")],
+        "normalize": [StrOptions(set(NORMALIZERS)), None],
+        "optimizer": [StrOptions(set(OPTIMIZERS))],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
+        "balanced_sampling": ["boolean"],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    @abstractmethod
+    def _make_criterion(self, class_prior):
+        """The training loss, given the training class prior (a float tensor)."""
+
+    def _initial_bias(self, class_prior):
+        """Starting output bias of the head (a tensor), or None for zeros."""
+        return None
+
+    def _logit_shift(self):
+        """An array added to the logits at predict time, or None."""
+        return None
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the head on features ``X`` and labels ``y``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Feature vectors, e.g. frozen embeddings.
+        y : array-like of shape (n_samples,)
+            Class labels (numbers or strings).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples in the loss; the class prior
+            used by the loss is computed from the weighted class totals.
+
+        Returns
+        -------
+        self : object
+            The fitted classifier.
+        """
+        device = resolve_device(self.device)
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        n_classes = len(self.classes_)
+        if n_classes < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes; "
+                f"y holds 1 class ({self.classes_.tolist()[0]!r})."
+            )
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float32, ensure_non_negative=True
+        )
+        if not sample_weight.sum() > 0:
+            raise ValueError("sample_weight sums to zero: at least one sample needs a weight > 0.")
+        self.class_counts_ = np.bincount(y_index, minlength=n_classes)
+        weighted_totals = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
+        if self.balanced_sampling:
+            # Balanced batches show the loss a uniform label distribution.
+            weighted_totals = np.ones(n_classes)
+        # A class whose samples all weigh zero still needs a finite log-prior.
+        weighted_totals = np.maximum(weighted_totals, 1e-12 * weighted_totals.sum())
+        self.class_prior_ = weighted_totals / weighted_totals.sum()
+
+        batch_size, max_epochs = _resolve_schedule(self.batch_size, self.max_epochs, len(X))
+        generator = torch_generator(check_random_state(self.random_state))
+        X_t = _float_tensor(X)
+        normalizer = make_normalizer(self.normalize, X_t)
+        with torch.no_grad():
+            Z = normalizer(X_t)
+        prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
+        criterion = self._make_criterion(prior)
+        head = make_head(
+            self.head,
+            X.shape[1],
+            n_classes,
+            hidden_size=self.hidden_size,
+            cosine_scale=self.cosine_scale,
+            bias_init=self._initial_bias(prior),
+            generator=generator,
+        )
+        self.history_ = fit_module(
+            head,
+            criterion,
+            Z,
+            torch.as_tensor(y_index, dtype=torch.int64),
+            sample_weight=torch.from_numpy(sample_weight),
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr_schedule=self.lr_schedule,
+            balanced_sampling=self.balanced_sampling,
+            device=device,
+            generator=generator,
+            verbose=self.verbose,
+            desc=type(self).__name__,
+        )
+        self.module_ = torch.nn.Sequential(normalizer, head).eval()
+        self.device_ = str(device)
+        return self
+
+    def _logits(self, X):
+        """Raw logits of validated ``X`` as a float32 array, computed on the CPU."""
+        X_t = _float_tensor(X)
+        with torch.inference_mode():
+            parts = [self.module_(X_t[i : i + _PREDICT_CHUNK]) for i in range(0, len(X_t), _PREDICT_CHUNK)]
+        return torch.cat(parts).numpy()
+
+    def _scores(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        scores = self._logits(X)
+        shift = self._logit_shift()
+        return scores if shift is None else scores + shift.astype(np.float32)
+
+    def decision_function(self, X):
+        """Class scores: the logits, shifted as the estimator's parameters say.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
+            For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
+        """
+        scores = self._scores(X)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+    def predict_proba(self, X):
+        """Class probabilities: the softmax of the (shifted) logits.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+            Columns follow ``classes_``.
+        """
+        return softmax(self._scores(X).astype(np.float64), axis=1)
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`, computed stably.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+        """
+        scores = self._scores(X).astype(np.float64)
+        return scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+
+    def predict(self, X):
+        """Predict the class of each row of ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+            Labels from ``classes_``.
+        """
+        return self.classes_[np.argmax(self._scores(X), axis=1)]
+
+    def score(self, X, y, sample_weight=None):
+        """Accuracy on ``(X, y)``; labels unseen during fit are an error.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        score : float
+        """
+        check_is_fitted(self)
+        _check_known_labels(self, y)
+        return super().score(X, y, sample_weight=sample_weight)
+
+    # Modules are pickled through torch.save and loaded with map_location="cpu",
+    # so a model whose tensors were saved on a GPU loads on a machine without one.
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "module_" in state:
+            buffer = io.BytesIO()
+            torch.save(state["module_"], buffer)
+            state["module_"] = buffer.getvalue()
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("module_"), bytes):
+            locations = set()
+
+            def to_cpu(storage, location):
+                locations.add(location)
+                return storage
+
+            state = dict(state)
+            state["module_"] = torch.load(
+                io.BytesIO(state["module_"]), map_location=to_cpu, weights_only=False
+            )
+            if locations - {"cpu"}:
+                warnings.warn(
+                    f"This {type(self).__name__} was pickled with tensors on "
+                    f"{sorted(locations - {'cpu'})}; they were loaded on the CPU.",
+                    DeviceWarning,
+                    stacklevel=2,
+                )
+        super().__setstate__(state)

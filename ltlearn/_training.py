@@ -1,0 +1,182 @@
+"""The one training loop behind every torch-backed estimator of ltlearn."""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ltlearn.exceptions import DeviceError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def resolve_device(device):
+    """Turn a ``device`` parameter into a :class:`torch.device` this machine has.
+
+    ``"auto"`` picks the first CUDA GPU when there is one and the CPU otherwise.
+    A CUDA device that is absent raises :class:`~ltlearn.exceptions.DeviceError`.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+        ) from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device={device!r} was requested but torch finds no CUDA GPU on this machine "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                "use device='cpu' or device='auto'."
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(
+                f"device={device!r} was requested but this machine has {count} CUDA GPU(s) "
+                f"(cuda:0 .. cuda:{count - 1})."
+            )
+    elif resolved.type != "cpu":
+        raise DeviceError(f"device={device!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'.")
+    return resolved
+
+
+def torch_generator(random_state):
+    """A CPU :class:`torch.Generator` seeded from a numpy RandomState."""
+    return torch.Generator().manual_seed(int(random_state.randint(np.iinfo(np.int32).max)))
+
+
+def _make_optimizer(name, module, lr, weight_decay):
+    # Weight decay on matrices only: decaying biases or a cosine scale only hurts.
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}]
+    groups = [g for g in groups if g["params"]]
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def _make_schedule(name, optimizer, lr, total_steps):
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1, cycle_momentum=False
+        )
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None
+
+
+def fit_module(
+    module,
+    criterion,
+    X,
+    y,
+    *,
+    sample_weight=None,
+    optimizer="adam",
+    lr=3e-3,
+    weight_decay=1e-2,
+    max_epochs=15,
+    batch_size=1024,
+    lr_schedule="onecycle",
+    balanced_sampling=False,
+    device=torch.device("cpu"),
+    generator=None,
+    verbose=False,
+    desc="fit",
+):
+    """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
+
+    The whole training set is moved to ``device`` once and mini-batches are
+    gathered there, so a step costs a few kernel launches and no host transfer.
+    The module comes back on the CPU in eval mode, ready to pickle anywhere.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Trained in place.
+    criterion : torch.nn.Module
+        Called as ``criterion(output, target, sample_weight)``, returns a scalar.
+    X : torch.Tensor of shape (n_samples, n_features)
+        Training inputs (already normalised).
+    y : torch.Tensor of shape (n_samples,)
+        Integer class indices.
+    sample_weight : torch.Tensor of shape (n_samples,), optional
+    optimizer : {"adam", "adamw", "sgd"}
+        ``"adam"`` and ``"sgd"`` (Nesterov momentum 0.9) add ``weight_decay`` as
+        an L2 penalty to the gradient; ``"adamw"`` decays weights decoupled.
+    lr : float
+        Peak learning rate.
+    weight_decay : float
+        Applied to weight matrices, not to biases.
+    max_epochs, batch_size : int
+    lr_schedule : {"onecycle", "cosine", "constant"}
+        ``"onecycle"``: 10 % warm-up then cosine decay; ``"cosine"``: cosine decay.
+    balanced_sampling : bool
+        Draw each epoch's samples with replacement, with probability inversely
+        proportional to their class size, so that batches are class-balanced.
+    device : torch.device
+    generator : torch.Generator
+        Decides the shuffling and sampling order.
+    verbose : bool
+        Show a progress bar over epochs with the running loss.
+    desc : str
+        Label of the progress bar.
+
+    Returns
+    -------
+    history : list of float
+        Mean training loss of each epoch.
+    """
+    module.to(device).train()
+    criterion.to(device)
+    X, y = X.to(device), y.to(device)
+    if sample_weight is not None:
+        sample_weight = sample_weight.to(device)
+    n_samples = X.shape[0]
+    batch_size = min(batch_size, n_samples)
+    steps_per_epoch = math.ceil(n_samples / batch_size)
+    opt = _make_optimizer(optimizer, module, lr, weight_decay)
+    schedule = _make_schedule(lr_schedule, opt, lr, steps_per_epoch * max_epochs)
+    if balanced_sampling:
+        class_sizes = torch.bincount(y).to(torch.float32)
+        draw_weights = (1.0 / class_sizes[y]).cpu()
+
+    history = []
+    epochs = tqdm(range(max_epochs), desc=desc, disable=not verbose, leave=False, unit="epoch")
+    for _ in epochs:
+        if balanced_sampling:
+            order = torch.multinomial(draw_weights, n_samples, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n_samples, generator=generator)
+        order = order.to(device)
+        # Summed on the device: one host sync per epoch, not one per step.
+        total = torch.zeros((), device=device)
+        for start in range(0, n_samples, batch_size):
+            idx = order[start : start + batch_size]
+            w = None if sample_weight is None else sample_weight[idx]
+            loss = criterion(module(X[idx]), y[idx], w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            total += loss.detach()
+        epoch_loss = total.item() / steps_per_epoch
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(
+                f"Training diverged: the loss became {epoch_loss} in epoch {len(history) + 1}. "
+                "Lower lr, or normalise the features (normalize='l2' or 'standard')."
+            )
+        history.append(epoch_loss)
+        epochs.set_postfix(loss=f"{epoch_loss:.4f}")
+    module.cpu().eval()
+    criterion.cpu()
+    return history
+

@@ -1,0 +1,176 @@
+"""Torch modules that ltlearn's estimators train on frozen features.
+
+A fitted estimator holds ``module_ = nn.Sequential(normaliser, head)``: the
+normaliser is fitted once from the training features (it has no trainable
+parameters), and the head maps normalised features to one logit per class.
+Parameters are initialised from an explicit :class:`torch.Generator` so that
+``random_state`` alone decides a fit, whatever torch's global seed is.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["CosineHead", "L2Normalizer", "MLPHead", "Standardizer", "make_head", "make_normalizer"]
+
+HEADS = ("linear", "cosine", "mlp")
+NORMALIZERS = ("l2", "standard")
+
+
+class L2Normalizer(nn.Module):
+    """Scale each row to L2 norm ``sqrt(n_features)``.
+
+    The factor ``sqrt(n_features)`` gives features a root-mean-square of one,
+    the scale at which a fixed learning rate and weight decay suit every
+    embedding width (512-d CLIP and 1280-d EfficientNet alike).
+    """
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.scale = math.sqrt(n_features)
+
+    def forward(self, x):
+        return F.normalize(x, dim=1, eps=1e-12) * self.scale
+
+
+class Standardizer(nn.Module):
+    """Subtract the training mean and divide by the training standard deviation."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        # Constant features would divide by zero; like StandardScaler, leave them unscaled.
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_std", 1.0 / std)
+
+    @classmethod
+    def from_data(cls, X):
+        """Fit mean and standard deviation on a 2-D float tensor."""
+        X64 = X.double()
+        return cls(X64.mean(0).float(), X64.std(0, unbiased=False).float())
+
+    def forward(self, x):
+        return (x - self.mean) * self.inv_std
+
+
+class CosineHead(nn.Module):
+    """Cosine-similarity classifier: ``scale * cos(x, w_c)`` for each class ``c``.
+
+    Normalising both features and class weights removes the norm bias that head
+    classes acquire on long-tailed data (Gidaris & Komodakis, CVPR 2018).
+    """
+
+    def __init__(self, n_features, n_classes, scale, generator):
+        super().__init__()
+        self.scale = scale
+        weight = torch.randn(n_classes, n_features, generator=generator) / math.sqrt(n_features)
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
+class MLPHead(nn.Sequential):
+    """One hidden ReLU layer: ``Linear -> ReLU -> Linear``."""
+
+    def __init__(self, n_features, n_classes, hidden_size, generator):
+        super().__init__(
+            nn.Linear(n_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, n_classes)
+        )
+        for layer in (self[0], self[2]):
+            # torch's own default for nn.Linear, drawn from our generator.
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1.0 / math.sqrt(layer.in_features)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def make_head(
+    kind,
+    n_features,
+    n_classes,
+    *,
+    hidden_size=512,
+    cosine_scale=16.0,
+    bias_init=None,
+    generator=None,
+):
+    """Build a classification head.
+
+    Parameters
+    ----------
+    kind : {"linear", "cosine", "mlp"}
+        ``"linear"`` is a zero-initialised affine map (the problem is convex, so
+        no random start is needed); ``"cosine"`` a :class:`CosineHead`;
+        ``"mlp"`` an :class:`MLPHead`.
+    n_features, n_classes : int
+        Input width and number of logits.
+    hidden_size : int, default=512
+        Width of the hidden layer of ``"mlp"``.
+    cosine_scale : float, default=16.0
+        Logit scale of ``"cosine"``.
+    bias_init : torch.Tensor of shape (n_classes,), optional
+        Initial output bias of ``"linear"`` and ``"mlp"`` (``"cosine"`` has
+        none). Starting at the log-prior the loss expects saves the many small
+        steps that would otherwise be spent learning class frequencies.
+    generator : torch.Generator, optional
+        Source of the random initial weights.
+
+    Returns
+    -------
+    head : torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> head = make_head("linear", 4, 3)
+    >>> head(torch.ones(2, 4)).shape
+    torch.Size([2, 3])
+    """
+    if kind == "cosine":
+        return CosineHead(n_features, n_classes, cosine_scale, generator)
+    if kind == "linear":
+        head = output = nn.Linear(n_features, n_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    elif kind == "mlp":
+        head = MLPHead(n_features, n_classes, hidden_size, generator)
+        output = head[2]
+    else:
+        raise ValueError(f"Unknown head {kind!r}; expected one of {HEADS}.")
+    if bias_init is not None:
+        with torch.no_grad():
+            output.bias.copy_(bias_init)
+    return head
+
+
+def make_normalizer(kind, X):
+    """Build the input normaliser fitted on training features ``X`` (a float tensor).
+
+    Parameters
+    ----------
+    kind : {"l2", "standard"} or None
+        ``"l2"``: :class:`L2Normalizer`; ``"standard"``: :class:`Standardizer`
+        fitted on ``X``; None: identity.
+    X : torch.Tensor of shape (n_samples, n_features)
+        Training features.
+
+    Returns
+    -------
+    normalizer : torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> norm = make_normalizer("l2", torch.ones(2, 4))
+    >>> norm(torch.full((1, 4), 3.0))
+    tensor([[1., 1., 1., 1.]])
+    """
+    if kind is None:
+        return nn.Identity()
+    if kind == "l2":
+        return L2Normalizer(X.shape[1])
+    if kind == "standard":
+        return Standardizer.from_data(X)
+    raise ValueError(f"Unknown normalize={kind!r}; expected one of {NORMALIZERS} or None.")

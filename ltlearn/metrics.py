@@ -1,0 +1,400 @@
+"""Accuracy by class, by shot group and over shifted test distributions, and scorers.
+
+The many / medium / few split follows the usual long-tailed protocol (Liu et
+al., "Large-Scale Long-Tailed Recognition in an Open World", CVPR 2019):
+classes with more than 100 training samples are "many-shot", fewer than 20
+"few-shot", the rest "medium". The thresholds are arguments of every function
+that uses them.
+"""
+
+import copy
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.metrics import get_scorer
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+
+from ltlearn.datasets import TEST_DISTRIBUTIONS, shifted_test_subsets
+
+__all__ = [
+    "SCORERS",
+    "group_accuracy",
+    "make_shot_scorer",
+    "per_class_accuracy",
+    "rank_groups",
+    "shot_accuracy",
+    "shot_groups",
+    "test_agnostic_accuracy",
+]
+
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def _label_positions(y, labels, what):
+    """Positions of ``y`` in ``labels``; unknown labels are an error."""
+    y = np.asarray(y)
+    labels = np.asarray(labels)
+    sorter = np.argsort(labels, kind="stable")
+    pos = np.searchsorted(labels, y, sorter=sorter)
+    pos = np.clip(pos, 0, len(labels) - 1)
+    known = labels[sorter[pos]] == y
+    if not np.all(known):
+        unseen = np.unique(y[~known])[:10].tolist()
+        raise ValueError(
+            f"{what} contains labels that are not among the {len(labels)} known classes: "
+            f"{unseen}. Pass labels= with every class, in the order of class_counts."
+        )
+    return sorter[pos]
+
+
+@validate_params(
+    {"y_true": ["array-like"], "y_pred": ["array-like"], "labels": ["array-like", None]},
+    prefer_skip_nested_validation=True,
+)
+def per_class_accuracy(y_true, y_pred, *, labels=None):
+    """Accuracy (recall) of each class.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    labels : array-like of shape (n_classes,), default=None
+        Classes to report, in order; by default the sorted labels of ``y_true``.
+
+    Returns
+    -------
+    accuracy : ndarray of shape (n_classes,)
+        Fraction of each class's samples predicted correctly; NaN for a class
+        absent from ``y_true``.
+
+    Examples
+    --------
+    >>> per_class_accuracy([0, 0, 1, 1], [0, 1, 1, 1]).tolist()
+    [0.5, 1.0]
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has shape {y_true.shape} but y_pred has shape {y_pred.shape}.")
+    labels = np.unique(y_true) if labels is None else np.asarray(labels)
+    true_pos = _label_positions(y_true, labels, "y_true")
+    correct = np.bincount(true_pos, weights=y_true == y_pred, minlength=len(labels))
+    total = np.bincount(true_pos, minlength=len(labels))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / total, np.nan)
+
+
+@validate_params(
+    {
+        "class_counts": ["array-like"],
+        "many_threshold": [Interval(Real, 0, None, closed="left")],
+        "few_threshold": [Interval(Real, 0, None, closed="left")],
+    },
+    prefer_skip_nested_validation=True,
+)
+def shot_groups(class_counts, *, many_threshold=100, few_threshold=20):
+    """Name the shot group of each class from its number of training samples.
+
+    Parameters
+    ----------
+    class_counts : array-like of shape (n_classes,)
+        Training samples per class.
+    many_threshold : float, default=100
+        Classes with more samples than this are ``"many"``.
+    few_threshold : float, default=20
+        Classes with fewer samples than this are ``"few"``; the rest ``"medium"``.
+
+    Returns
+    -------
+    groups : ndarray of str, shape (n_classes,)
+
+    Examples
+    --------
+    >>> shot_groups([500, 100, 20, 19]).tolist()
+    ['many', 'medium', 'medium', 'few']
+    """
+    if few_threshold > many_threshold:
+        raise ValueError(
+            f"few_threshold={few_threshold} is above many_threshold={many_threshold}; "
+            "a class cannot be both."
+        )
+    counts = np.asarray(class_counts)
+    return np.where(
+        counts > many_threshold, "many", np.where(counts < few_threshold, "few", "medium")
+    )
+
+
+@validate_params(
+    {
+        "class_counts": ["array-like"],
+        "n_head": [Interval(Integral, 0, None, closed="left"), None],
+        "n_tail": [Interval(Integral, 0, None, closed="left"), None],
+    },
+    prefer_skip_nested_validation=True,
+)
+def rank_groups(class_counts, *, n_head=None, n_tail=None):
+    """Head / middle / tail classes by rank of training size.
+
+    For data sets with few classes (CIFAR-10) the count thresholds of
+    :func:`shot_groups` say little; ranking does: the ``n_head`` largest
+    classes are ``"head"``, the ``n_tail`` smallest ``"tail"``.
+
+    Parameters
+    ----------
+    class_counts : array-like of shape (n_classes,)
+        Training samples per class.
+    n_head, n_tail : int, default=None
+        Sizes of the head and tail groups; by default ``n_classes * 3 // 10``
+        each, at least one (3 of CIFAR-10's 10 classes).
+
+    Returns
+    -------
+    groups : ndarray of str, shape (n_classes,)
+
+    Examples
+    --------
+    >>> rank_groups([50, 5000, 900, 300]).tolist()
+    ['tail', 'head', 'middle', 'middle']
+    """
+    counts = np.asarray(class_counts)
+    n_classes = len(counts)
+    default = max(1, n_classes * 3 // 10)
+    n_head = default if n_head is None else n_head
+    n_tail = default if n_tail is None else n_tail
+    if n_head + n_tail > n_classes:
+        raise ValueError(f"n_head + n_tail = {n_head + n_tail} exceeds the {n_classes} classes.")
+    rank = np.empty(n_classes, dtype=np.intp)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(n_classes)
+    return np.where(rank < n_head, "head", np.where(rank >= n_classes - n_tail, "tail", "middle"))
+
+
+def group_accuracy(y_true, y_pred, groups, *, labels=None):
+    """Overall accuracy, and mean per-class accuracy within each group of classes.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    groups : array-like of shape (n_classes,)
+        Group name of each class, e.g. from :func:`shot_groups`.
+    labels : array-like of shape (n_classes,), default=None
+        The classes ``groups`` refers to, in order; by default ``0 .. n_classes - 1``.
+
+    Returns
+    -------
+    accuracy : dict
+        ``"overall"`` (fraction of samples correct), then one entry per group
+        in order of first appearance; NaN for a group none of whose classes
+        occur in ``y_true``.
+
+    Examples
+    --------
+    >>> group_accuracy([0, 1, 2, 2], [0, 1, 1, 2], ["head", "tail", "tail"])
+    {'overall': 0.75, 'head': 1.0, 'tail': 0.75}
+    """
+    groups = np.asarray(groups)
+    labels = np.arange(len(groups)) if labels is None else np.asarray(labels)
+    if len(labels) != len(groups):
+        raise ValueError(f"groups has {len(groups)} entries but labels has {len(labels)}.")
+    per_class = per_class_accuracy(y_true, y_pred, labels=labels)
+    result = {"overall": float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))}
+    for name in dict.fromkeys(groups.tolist()):
+        values = per_class[(groups == name) & ~np.isnan(per_class)]
+        result[name] = float(values.mean()) if values.size else float("nan")
+    return result
+
+
+def shot_accuracy(
+    y_true, y_pred, class_counts, *, labels=None, many_threshold=100, few_threshold=20
+):
+    """Overall, many-shot, medium-shot and few-shot accuracy.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    class_counts : array-like of shape (n_classes,)
+        Training samples per class (a fitted ltlearn classifier's ``class_counts_``).
+    labels : array-like of shape (n_classes,), default=None
+        Classes of ``class_counts``, in order (``classes_``); by default
+        ``0 .. n_classes - 1``.
+    many_threshold, few_threshold : float, default=100, 20
+        See :func:`shot_groups`.
+
+    Returns
+    -------
+    accuracy : dict
+        Keys ``"overall"``, ``"many"``, ``"medium"``, ``"few"``; a group's
+        accuracy is the mean of its classes' accuracies (NaN if it is empty).
+
+    Examples
+    --------
+    >>> shot_accuracy([0, 1, 2, 2], [0, 1, 1, 2], class_counts=[500, 50, 5])
+    {'overall': 0.75, 'many': 1.0, 'medium': 1.0, 'few': 0.5}
+    """
+    groups = shot_groups(class_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    found = group_accuracy(y_true, y_pred, groups, labels=labels)
+    return {"overall": found["overall"], **{g: found.get(g, float("nan")) for g in SHOT_GROUPS}}
+
+
+def _final_estimator(estimator):
+    return estimator[-1] if hasattr(estimator, "steps") else estimator
+
+
+def _training_order(estimator):
+    """Classes of a fitted classifier from its largest to its smallest training class."""
+    final = _final_estimator(estimator)
+    classes = np.asarray(final.classes_)
+    counts = getattr(final, "class_counts_", None)
+    if counts is None:
+        return classes
+    return classes[np.argsort(-np.asarray(counts), kind="stable")]
+
+
+def test_agnostic_accuracy(
+    estimator,
+    X,
+    y,
+    *,
+    imbalance_ratios=TEST_DISTRIBUTIONS,
+    class_order=None,
+    oracle_prior=False,
+    random_state=0,
+):
+    """Accuracy of a fitted classifier over SADE's 11 shifted test distributions.
+
+    From a balanced test set, draws the forward long-tailed sets, the uniform
+    set and the backward sets of :func:`ltlearn.datasets.shifted_test_subsets`
+    and scores the classifier on each.
+
+    Parameters
+    ----------
+    estimator : fitted classifier
+        Any scikit-learn classifier (or pipeline ending in one).
+    X : array-like of shape (n_samples, n_features)
+        Balanced test features.
+    y : array-like of shape (n_samples,)
+        Test labels.
+    imbalance_ratios : array-like of float, default=(50, 25, 10, 5, 2)
+        Ratios of the forward and backward sets.
+    class_order : array-like, default=None
+        Classes from largest to smallest in training; by default read from the
+        estimator's ``class_counts_`` (ltlearn estimators), else ``classes_``.
+    oracle_prior : bool, default=False
+        Give the estimator each test set's true class frequencies through its
+        ``test_prior`` parameter (post-hoc logit adjustment with a known prior,
+        the strongest one-line competitor of a test-agnostic method).
+    random_state : int, RandomState instance or None, default=0
+        Decides the samples of each test set.
+
+    Returns
+    -------
+    accuracy : dict of str to float
+        ``{"forward_50": ..., ..., "uniform": ..., ..., "backward_50": ...}``.
+
+    Examples
+    --------
+    >>> from ltlearn import BalancedSoftmaxClassifier
+    >>> from ltlearn.datasets import load_long_tailed_digits
+    >>> data = load_long_tailed_digits(random_state=0)
+    >>> clf = BalancedSoftmaxClassifier(random_state=0).fit(data.X_train, data.y_train)
+    >>> table = test_agnostic_accuracy(clf, data.X_test, data.y_test, imbalance_ratios=[10])
+    >>> list(table)
+    ['forward_10', 'uniform', 'backward_10']
+    """
+    y = np.asarray(y)
+    final = _final_estimator(estimator)
+    _label_positions(y, final.classes_, "y")
+    order = _training_order(estimator) if class_order is None else class_order
+    subsets = shifted_test_subsets(
+        y, imbalance_ratios=imbalance_ratios, class_order=order, random_state=random_state
+    )
+    if not oracle_prior:
+        y_pred = estimator.predict(X)
+        return {name: float(np.mean(y_pred[idx] == y[idx])) for name, idx in subsets.items()}
+    if "test_prior" not in final.get_params():
+        raise ValueError(
+            f"oracle_prior=True needs an estimator with a test_prior parameter; "
+            f"{type(final).__name__} has none."
+        )
+    classes = np.asarray(final.classes_)
+    X = np.asarray(X)
+    result = {}
+    for name, idx in subsets.items():
+        prior = np.bincount(_label_positions(y[idx], classes, "y"), minlength=len(classes))
+        model = shifted = copy.copy(final).set_params(test_prior=prior / prior.sum())
+        if hasattr(estimator, "steps"):
+            model = copy.copy(estimator)
+            model.steps = [*estimator.steps[:-1], (estimator.steps[-1][0], shifted)]
+        result[name] = float(np.mean(model.predict(X[idx]) == y[idx]))
+    return result
+
+
+@validate_params(
+    {
+        "group": [StrOptions(set(SHOT_GROUPS))],
+        "many_threshold": [Interval(Real, 0, None, closed="left")],
+        "few_threshold": [Interval(Real, 0, None, closed="left")],
+    },
+    prefer_skip_nested_validation=True,
+)
+def make_shot_scorer(group="few", *, many_threshold=100, few_threshold=20):
+    """A scorer of the accuracy on one shot group, for ``GridSearchCV(scoring=...)``.
+
+    The groups come from the training class counts of the estimator being
+    scored (its ``class_counts_``, or that of a pipeline's last step), so in
+    cross-validation they are those of each training fold.
+
+    Parameters
+    ----------
+    group : {"many", "medium", "few"}, default="few"
+        Group whose mean per-class accuracy is the score.
+    many_threshold, few_threshold : float, default=100, 20
+        See :func:`shot_groups`.
+
+    Returns
+    -------
+    scorer : callable
+        ``scorer(estimator, X, y) -> float``; NaN when no class of the group
+        occurs in ``y``.
+
+    Examples
+    --------
+    >>> from ltlearn import BalancedSoftmaxClassifier
+    >>> from ltlearn.datasets import load_long_tailed_digits
+    >>> data = load_long_tailed_digits(random_state=0)
+    >>> clf = BalancedSoftmaxClassifier(random_state=0).fit(data.X_train, data.y_train)
+    >>> few = make_shot_scorer("few", many_threshold=50, few_threshold=20)
+    >>> 0.0 <= few(clf, data.X_test, data.y_test) <= 1.0
+    True
+    """
+
+    def scorer(estimator, X, y):
+        final = _final_estimator(estimator)
+        counts = getattr(final, "class_counts_", None)
+        if counts is None:
+            raise ValueError(
+                f"The {group}-shot scorer needs the training class counts, but "
+                f"{type(final).__name__} has no class_counts_ attribute (ltlearn estimators have)."
+            )
+        scores = shot_accuracy(
+            y,
+            estimator.predict(X),
+            counts,
+            labels=final.classes_,
+            many_threshold=many_threshold,
+            few_threshold=few_threshold,
+        )
+        return scores[group]
+
+    scorer.__name__ = f"{group}_shot_accuracy"
+    return scorer
+
+
+#: Scorers for ``GridSearchCV(scoring=SCORERS, refit="balanced_accuracy")``.
+#: Balanced accuracy (mean per-class recall) on a long-tailed validation fold
+#: estimates accuracy on a uniform test set.
+SCORERS = {
+    "balanced_accuracy": get_scorer("balanced_accuracy"),
+    "accuracy": get_scorer("accuracy"),
+    **{f"{g}_shot_accuracy": make_shot_scorer(g) for g in SHOT_GROUPS},
+}
