@@ -132,8 +132,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float32, ensure_non_negative=True
         )
-        if not sample_weight.sum() > 0:
-            raise ValueError("sample_weight sums to zero: at least one sample needs a weight > 0.")
         self.class_counts_ = np.bincount(y_index, minlength=n_classes)
         weighted_totals = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
         if self.balanced_sampling:
@@ -186,7 +184,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """Raw logits of validated ``X`` as a float32 array, computed on the CPU."""
         X_t = _float_tensor(X)
         with torch.inference_mode():
-            parts = [self.module_(X_t[i : i + _PREDICT_CHUNK]) for i in range(0, len(X_t), _PREDICT_CHUNK)]
+            parts = [
+                self.module_(X_t[i : i + _PREDICT_CHUNK])
+                for i in range(0, len(X_t), _PREDICT_CHUNK)
+            ]
         return torch.cat(parts).numpy()
 
     def _scores(self, X):
@@ -251,7 +252,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         y_pred : ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        return self.classes_[np.argmax(self._scores(X), axis=1)]
+        scores = self._scores(X)
+        return self.classes_[np.argmax(scores, axis=1)]
 
     def score(self, X, y, sample_weight=None):
         """Accuracy on ``(X, y)``; labels unseen during fit are an error.
@@ -273,7 +275,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     # Modules are pickled through torch.save and loaded with map_location="cpu",
     # so a model whose tensors were saved on a GPU loads on a machine without one.
     def __getstate__(self):
-        state = super().__getstate__()
+        # object.__getstate__ hands out the live __dict__: copy before replacing module_.
+        state = dict(super().__getstate__())
         if "module_" in state:
             buffer = io.BytesIO()
             torch.save(state["module_"], buffer)

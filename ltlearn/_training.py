@@ -62,14 +62,20 @@ def _make_optimizer(name, module, lr, weight_decay):
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
-def _make_schedule(name, optimizer, lr, total_steps):
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1, cycle_momentum=False
-        )
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return None
+def _make_schedule(name, optimizer, total_steps):
+    if name == "constant":
+        return None
+    # "onecycle": the first 10 % of steps ramp up from lr / 25, as torch's
+    # OneCycleLR does; both schedules then follow a cosine down to zero.
+    warmup = int(0.1 * total_steps) if name == "onecycle" else 0
+
+    def factor(step):
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit_module(
@@ -86,7 +92,7 @@ def fit_module(
     batch_size=1024,
     lr_schedule="onecycle",
     balanced_sampling=False,
-    device=torch.device("cpu"),
+    device=None,
     generator=None,
     verbose=False,
     desc="fit",
@@ -121,7 +127,8 @@ def fit_module(
     balanced_sampling : bool
         Draw each epoch's samples with replacement, with probability inversely
         proportional to their class size, so that batches are class-balanced.
-    device : torch.device
+    device : torch.device, default=None
+        None trains on the CPU.
     generator : torch.Generator
         Decides the shuffling and sampling order.
     verbose : bool
@@ -134,6 +141,7 @@ def fit_module(
     history : list of float
         Mean training loss of each epoch.
     """
+    device = torch.device("cpu") if device is None else device
     module.to(device).train()
     criterion.to(device)
     X, y = X.to(device), y.to(device)
@@ -143,7 +151,7 @@ def fit_module(
     batch_size = min(batch_size, n_samples)
     steps_per_epoch = math.ceil(n_samples / batch_size)
     opt = _make_optimizer(optimizer, module, lr, weight_decay)
-    schedule = _make_schedule(lr_schedule, opt, lr, steps_per_epoch * max_epochs)
+    schedule = _make_schedule(lr_schedule, opt, steps_per_epoch * max_epochs)
     if balanced_sampling:
         class_sizes = torch.bincount(y).to(torch.float32)
         draw_weights = (1.0 / class_sizes[y]).cpu()
@@ -152,7 +160,9 @@ def fit_module(
     epochs = tqdm(range(max_epochs), desc=desc, disable=not verbose, leave=False, unit="epoch")
     for _ in epochs:
         if balanced_sampling:
-            order = torch.multinomial(draw_weights, n_samples, replacement=True, generator=generator)
+            order = torch.multinomial(
+                draw_weights, n_samples, replacement=True, generator=generator
+            )
         else:
             order = torch.randperm(n_samples, generator=generator)
         order = order.to(device)
@@ -179,4 +189,3 @@ def fit_module(
     module.cpu().eval()
     criterion.cpu()
     return history
-

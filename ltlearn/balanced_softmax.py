@@ -117,8 +117,10 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     >>> clf = BalancedSoftmaxClassifier(random_state=0).fit(data.X_train, data.y_train)
     >>> bool(clf.score(data.X_test, data.y_test) > 0.85)
     True
-    >>> clf.set_params(test_prior="train").predict(data.X_test[:5])
-    array([2, 8, 2, 6, 6])
+    >>> clf.predict(data.X_test[:8])
+    array([6, 9, 9, 4, 8, 8, 2, 3])
+    >>> clf.set_params(test_prior="train").predict(data.X_test[:8])  # expect head classes
+    array([6, 5, 3, 4, 1, 2, 2, 3])
     """
 
     _parameter_constraints: dict = {

@@ -24,7 +24,7 @@ __all__ = [
     "rank_groups",
     "shot_accuracy",
     "shot_groups",
-    "test_agnostic_accuracy",
+    "evaluate_test_agnostic",
 ]
 
 SHOT_GROUPS = ("many", "medium", "few")
@@ -250,7 +250,7 @@ def _training_order(estimator):
     return classes[np.argsort(-np.asarray(counts), kind="stable")]
 
 
-def test_agnostic_accuracy(
+def evaluate_test_agnostic(
     estimator,
     X,
     y,
@@ -297,7 +297,7 @@ def test_agnostic_accuracy(
     >>> from ltlearn.datasets import load_long_tailed_digits
     >>> data = load_long_tailed_digits(random_state=0)
     >>> clf = BalancedSoftmaxClassifier(random_state=0).fit(data.X_train, data.y_train)
-    >>> table = test_agnostic_accuracy(clf, data.X_test, data.y_test, imbalance_ratios=[10])
+    >>> table = evaluate_test_agnostic(clf, data.X_test, data.y_test, imbalance_ratios=[10])
     >>> list(table)
     ['forward_10', 'uniform', 'backward_10']
     """

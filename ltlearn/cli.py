@@ -1,0 +1,168 @@
+"""The ``ltlearn`` command line: ``ltlearn demo`` and ``ltlearn info``."""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from ltlearn import __version__
+
+# Digits has at most ~90 training images a class: the usual many > 100 / few < 20
+# split would leave "many" empty, so its demo uses smaller thresholds.
+DIGITS_THRESHOLDS = (50, 20)
+FEATURE_THRESHOLDS = (100, 20)
+
+
+def _load_demo_data(args):
+    from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+    from ltlearn.features import FeatureFile
+
+    if args.features is None:
+        ir = 10 if args.imbalance_ratio is None else args.imbalance_ratio
+        data = load_long_tailed_digits(imbalance_ratio=ir, random_state=args.seed)
+        title = f"scikit-learn digits, long-tailed training half (IR {ir:g}), balanced test half"
+        return data.X_train, data.y_train, data.X_test, data.y_test, title, DIGITS_THRESHOLDS
+    ir = 100 if args.imbalance_ratio is None else args.imbalance_ratio
+    with FeatureFile(args.features) as f:
+        for split in ("train", "test"):
+            if split not in f.splits:
+                raise SystemExit(
+                    f"ltlearn demo: {args.features} has no '{split}' split (it has {f.splits})."
+                )
+        X_pool, y_pool = f.read("train")
+        X_test, y_test = f.read("test")
+    keep = long_tailed_subset(y_pool, ir, random_state=args.seed)
+    title = f"{args.features}: long-tailed train split (IR {ir:g}), full test split"
+    return X_pool[keep], y_pool[keep], X_test, y_test, title, FEATURE_THRESHOLDS
+
+
+def _demo(args):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ltlearn import BalancedSoftmaxClassifier
+    from ltlearn.metrics import shot_accuracy
+
+    X, y, X_test, y_test, title, thresholds = _load_demo_data(args)
+    many_t = thresholds[0] if args.many_threshold is None else args.many_threshold
+    few_t = thresholds[1] if args.few_threshold is None else args.few_threshold
+    counts = np.bincount(y)
+    print(f"Data: {title}")
+    print(f"Training class sizes (largest to smallest): {sorted(counts.tolist(), reverse=True)}")
+    print(f"Shot groups: many > {many_t:g}, few < {few_t:g} training samples; test: {len(y_test)}")
+
+    common = {"device": args.device, "random_state": args.seed}
+    models = {
+        "BalancedSoftmaxClassifier()": BalancedSoftmaxClassifier(**common),
+        "BalancedSoftmaxClassifier(head='mlp')": BalancedSoftmaxClassifier(head="mlp", **common),
+        "BalancedSoftmaxClassifier(tau=0) [plain CE]": BalancedSoftmaxClassifier(tau=0, **common),
+        "LogisticRegression [scikit-learn reference]": make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=1000)
+        ),
+    }
+    # The first torch call of a process pays a one-off start-up cost; keep it out of the timings.
+    warm_up = np.random.default_rng(0).normal(size=(64, X.shape[1]))
+    BalancedSoftmaxClassifier(max_epochs=1, device=args.device).fit(warm_up, np.arange(64) % 2)
+    header = f"{'model':46s} {'overall':>8s} {'many':>6s} {'medium':>7s} {'few':>6s} {'fit s':>7s}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, model in models.items():
+        start = time.perf_counter()
+        model.fit(X, y)
+        seconds = time.perf_counter() - start
+        acc = shot_accuracy(
+            y_test,
+            model.predict(X_test),
+            counts,
+            labels=np.arange(len(counts)),
+            many_threshold=many_t,
+            few_threshold=few_t,
+        )
+        cells = " ".join(
+            f"{'-' if np.isnan(acc[k]) else f'{100 * acc[k]:.1f}':>{w}s}"
+            for k, w in (("overall", 8), ("many", 6), ("medium", 7), ("few", 6))
+        )
+        print(f"{name:46s} {cells} {seconds:7.2f}", flush=True)
+    print("\nAccuracy in % on the balanced test set; many/medium/few average per-class accuracy.")
+    return 0
+
+
+def _info(args):
+    from ltlearn.features import read_metadata
+
+    meta = read_metadata(args.file)
+    print(f"{args.file}")
+    print(
+        f"  classes ({len(meta['classes'])}): {', '.join(meta['classes'][:20])}"
+        + (" ..." if len(meta["classes"]) > 20 else "")
+    )
+    for split, info in meta["splits"].items():
+        print(
+            f"  {split}: {info['n_rows']} rows x {info['n_features']} features "
+            f"({info['dtype']}{', with ids' if info['has_ids'] else ''})"
+        )
+    for key, value in meta["attrs"].items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def build_parser():
+    """The argument parser of the ``ltlearn`` command."""
+    parser = argparse.ArgumentParser(
+        prog="ltlearn", description="Long-tailed classification on frozen features."
+    )
+    parser.add_argument("--version", action="version", version=f"ltlearn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="fit ltlearn's classifiers on a long-tailed data set and print their accuracy",
+        description="Fit ltlearn's classifiers (and a LogisticRegression reference) on a "
+        "long-tailed training set and print overall / many / medium / few accuracy on a "
+        "balanced test set, with fit times. Without --features, uses scikit-learn's digits.",
+    )
+    demo.add_argument(
+        "--features", metavar="FILE.h5", help="feature file with train and test splits"
+    )
+    demo.add_argument(
+        "--imbalance-ratio",
+        type=float,
+        metavar="IR",
+        help="imbalance ratio of the training set (default: 100 for --features, 10 for digits)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    demo.add_argument(
+        "--many-threshold", type=float, help="many-shot: more training samples than this"
+    )
+    demo.add_argument(
+        "--few-threshold", type=float, help="few-shot: fewer training samples than this"
+    )
+    demo.set_defaults(run=_demo)
+
+    info = commands.add_parser(
+        "info",
+        help="describe a feature file",
+        description="Print the classes, splits, "
+        "sizes and provenance attributes of an ltlearn feature file.",
+    )
+    info.add_argument("file", metavar="FILE.h5")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv=None):
+    """Run the ``ltlearn`` command; returns its exit status."""
+    from ltlearn.exceptions import LtlearnError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (LtlearnError, FileNotFoundError, ValueError) as exc:
+        print(f"ltlearn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

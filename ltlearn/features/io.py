@@ -1,0 +1,546 @@
+"""The HDF5 layout of ltlearn feature files.
+
+======================  ===========================  ==========================================
+path                    shape, dtype                 meaning
+======================  ===========================  ==========================================
+``/classes``            (n_classes,) UTF-8 strings   class names in label order
+``/<split>/features``   (n, d) float16 or float32    one embedding per row, chunked, compressed
+``/<split>/labels``     (n,) int64                   index into ``/classes``
+``/<split>/ids``        (n,) UTF-8 strings           optional: where each row came from
+``/<split>`` attribute  ``n_rows``                   rows written and complete in that split
+root attributes         strings                      provenance: ``backbone``, ``weights``, ...
+======================  ===========================  ==========================================
+
+Rows past ``n_rows`` were being written when a writer stopped; readers never
+return them and an appending writer overwrites them, which makes writing
+resumable.
+"""
+
+import datetime
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ltlearn.exceptions import FeatureFileError
+
+__all__ = ["FeatureFile", "FeatureWriter", "read_features", "read_metadata", "write_features"]
+
+_READ_CHUNK_ROWS = 16384
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open_h5(path, mode):
+    """Open an HDF5 file, turning h5py's errors into ones that name the file."""
+    path = Path(path)
+    if mode == "r" and not path.exists():
+        raise FileNotFoundError(f"Feature file {str(path)!r} does not exist.")
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        text = str(exc)
+        if "file signature not found" in text:
+            reason = "is not an HDF5 file (no HDF5 signature); expected an ltlearn feature file"
+        elif "truncated" in text:
+            reason = "is truncated (the file is shorter than its header says); re-create it"
+        else:
+            reason = f"cannot be opened as HDF5 ({text})"
+        raise FeatureFileError(f"Feature file {str(path)!r} {reason}.") from exc
+
+
+class FeatureFile:
+    """Read access to an ltlearn feature file, for data larger than memory too.
+
+    Opening checks the layout; reading returns only complete rows, as float32
+    by default (float16 on disk becomes float32 in memory).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The ``.h5`` file.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    classes : list of str
+        Class names in label order.
+    attrs : dict
+        Provenance attributes of the file.
+    splits : list of str
+        Names of the splits (``"train"``, ``"test"``, ...).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> write_features(path, {"train": (np.ones((3, 2)), [0, 1, 1])}, classes=["a", "b"])
+    >>> with FeatureFile(path) as f:
+    ...     X, y = f.read("train")
+    ...     print(f.splits, f.classes, X.dtype, y.tolist())
+    ['train'] ['a', 'b'] float32 [0, 1, 1]
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = _open_h5(self.path, "r")
+        try:
+            self._check_layout()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _error(self, what):
+        return FeatureFileError(f"Feature file {str(self.path)!r} {what}.")
+
+    def _check_layout(self):
+        f = self._file
+        if "classes" not in f or not isinstance(f["classes"], h5py.Dataset):
+            raise self._error(
+                "is an HDF5 file but not an ltlearn feature file: it has no '/classes' data set"
+            )
+        try:
+            self.classes = [_decode(c) for c in f["classes"][()]]
+        except (OSError, TypeError, ValueError) as exc:
+            raise self._error(f"has an unreadable '/classes' data set ({exc})") from exc
+        self.attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        self.splits = [
+            name
+            for name, group in f.items()
+            if isinstance(group, h5py.Group) and "features" in group and "labels" in group
+        ]
+        if not self.splits:
+            raise self._error(
+                "is an HDF5 file but not an ltlearn feature file: no group holds both "
+                "'features' and 'labels'"
+            )
+        for split in self.splits:
+            self._check_split(split)
+
+    def _check_split(self, split):
+        group = self._file[split]
+        features, labels = group["features"], group["labels"]
+        if features.ndim != 2:
+            raise self._error(f"has '/{split}/features' of shape {features.shape}; expected 2-D")
+        if labels.ndim != 1:
+            raise self._error(f"has '/{split}/labels' of shape {labels.shape}; expected 1-D")
+        n_rows = self.n_rows(split)
+        lengths = {"features": features.shape[0], "labels": labels.shape[0]}
+        if "ids" in group:
+            lengths["ids"] = group["ids"].shape[0]
+        short = {k: v for k, v in lengths.items() if v < n_rows}
+        if short:
+            raise self._error(
+                f"is corrupt: split '{split}' claims {n_rows} complete rows but has only {short}"
+            )
+
+    def _group(self, split):
+        if split not in self.splits:
+            raise self._error(f"has no split {split!r}; its splits are {self.splits}")
+        return self._file[split]
+
+    def n_rows(self, split):
+        """Number of complete rows in ``split``."""
+        group = self._group(split)
+        if "n_rows" in group.attrs:
+            return int(group.attrs["n_rows"])
+        # Files written by other tools: every stored row counts.
+        return int(min(group["features"].shape[0], group["labels"].shape[0]))
+
+    def n_features(self, split):
+        """Width of the feature vectors of ``split``."""
+        return int(self._group(split)["features"].shape[1])
+
+    def _read(self, split, name, rows, dtype=None):
+        dataset = self._group(split)[name]
+        try:
+            if dtype is not None and dataset.dtype != dtype:
+                return dataset.astype(dtype)[rows]
+            return dataset[rows]
+        except (OSError, ValueError) as exc:
+            raise self._error(
+                f"could not be read at '/{split}/{name}' rows {rows.start}:{rows.stop} ({exc}); "
+                "the file may be truncated or corrupt"
+            ) from exc
+
+    def _rows(self, split, start, stop):
+        n_rows = self.n_rows(split)
+        start = 0 if start is None else start
+        stop = n_rows if stop is None else min(stop, n_rows)
+        return slice(start, max(start, stop))
+
+    def read(self, split="train", *, start=None, stop=None, dtype=np.float32):
+        """Features and labels of rows ``start:stop`` of a split.
+
+        Parameters
+        ----------
+        split : str, default="train"
+        start, stop : int, default=None
+            Row range, clipped to the complete rows.
+        dtype : numpy dtype, default=np.float32
+            Type of the returned features.
+
+        Returns
+        -------
+        X : ndarray of shape (n_rows, n_features)
+        y : ndarray of shape (n_rows,) of int64
+        """
+        rows = self._rows(split, start, stop)
+        X = self._read(split, "features", rows, dtype)
+        y = self._read(split, "labels", rows).astype(np.int64, copy=False)
+        if y.size and (y.min() < 0 or y.max() >= len(self.classes)):
+            raise self._error(
+                f"has labels in split '{split}' outside 0..{len(self.classes) - 1} "
+                f"(found {y.min()}..{y.max()})"
+            )
+        return X, y
+
+    def ids(self, split="train", *, start=None, stop=None):
+        """Row ids (e.g. image paths) of a split as str, or None when it has none."""
+        if "ids" not in self._group(split):
+            return None
+        values = self._read(split, "ids", self._rows(split, start, stop))
+        return np.array([_decode(v) for v in values], dtype=object)
+
+    def iter_chunks(self, split="train", *, chunk_rows=_READ_CHUNK_ROWS, dtype=np.float32):
+        """Yield ``(X, y)`` blocks of at most ``chunk_rows`` rows, in order.
+
+        Memory stays bounded by one block whatever the size of the file.
+        """
+        n_rows = self.n_rows(split)
+        for start in range(0, n_rows, chunk_rows):
+            yield self.read(split, start=start, stop=start + chunk_rows, dtype=dtype)
+
+    def close(self):
+        """Close the file."""
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        rows = ", ".join(f"{s}={self.n_rows(s)}" for s in self.splits)
+        return f"FeatureFile({str(self.path)!r}, classes={len(self.classes)}, {rows})"
+
+
+def read_features(path, split="train", *, dtype=np.float32):
+    """Read one split of a feature file into memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The ``.h5`` feature file.
+    split : str, default="train"
+        Split to read.
+    dtype : numpy dtype, default=np.float32
+        Type of the returned features.
+
+    Returns
+    -------
+    X : ndarray of shape (n_rows, n_features)
+    y : ndarray of shape (n_rows,)
+        Label indices into the file's classes (see :func:`read_metadata`).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> write_features(path, {"test": (np.zeros((2, 4)), [1, 0])}, classes=["cat", "dog"])
+    >>> X, y = read_features(path, "test")
+    >>> X.shape, y.tolist()
+    ((2, 4), [1, 0])
+    """
+    with FeatureFile(path) as f:
+        return f.read(split, dtype=dtype)
+
+
+def read_metadata(path):
+    """Classes, splits, sizes and provenance of a feature file, without reading features.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    metadata : dict
+        ``classes`` (list of str), ``splits`` (dict of split name to
+        ``{"n_rows", "n_features", "dtype", "has_ids"}``) and ``attrs`` (dict).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> write_features(path, {"train": (np.ones((3, 2)), [0, 1, 1])}, classes=["a", "b"],
+    ...                attrs={"backbone": "toy"})
+    >>> meta = read_metadata(path)
+    >>> meta["splits"]["train"]["n_rows"], meta["attrs"]["backbone"]
+    (3, 'toy')
+    """
+    with FeatureFile(path) as f:
+        splits = {
+            s: {
+                "n_rows": f.n_rows(s),
+                "n_features": f.n_features(s),
+                "dtype": str(f._file[s]["features"].dtype),
+                "has_ids": "ids" in f._file[s],
+            }
+            for s in f.splits
+        }
+        return {"classes": f.classes, "splits": splits, "attrs": f.attrs}
+
+
+class FeatureWriter:
+    """Write or extend a feature file block by block, resumably.
+
+    Each :meth:`append` writes its rows, flushes them, and only then advances
+    the split's ``n_rows``: a writer killed mid-way leaves a file whose
+    complete rows are readable and which ``mode="a"`` continues.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The ``.h5`` file.
+    classes : sequence of str
+        Class names in label order. In ``mode="a"`` they must match the file's.
+    attrs : dict, default=None
+        Provenance attributes (``backbone``, ``weights``, ``preprocessing``, ...).
+        In ``mode="a"`` each must equal the file's value if it has one: features
+        from another backbone or preprocessing are never mixed into a file.
+        ``created`` and ``ltlearn_version`` are added.
+    mode : {"x", "w", "a"}, default="x"
+        ``"x"`` creates a new file and refuses to touch an existing one;
+        ``"w"`` writes a temporary file beside ``path`` and replaces ``path``
+        with it only when the writer closes without error (atomic overwrite);
+        ``"a"`` appends to (or resumes) an existing file, or creates it.
+    dtype : {"float16", "float32"}, default="float16"
+        Storage type of features.
+    chunk_rows : int, default=1024
+        Rows per HDF5 chunk.
+    compression : {"gzip", "lzf"} or None, default="gzip"
+        Chunk compression (with byte shuffling).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> with FeatureWriter(path, classes=["a", "b"], attrs={"backbone": "toy"}) as w:
+    ...     w.append("train", np.ones((2, 3)), [0, 1], ids=["x.jpg", "y.jpg"])
+    ...     w.append("train", np.zeros((1, 3)), [1], ids=["z.jpg"])
+    >>> with FeatureWriter(path, classes=["a", "b"], attrs={"backbone": "toy"}, mode="a") as w:
+    ...     w.n_rows("train")
+    3
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        classes,
+        attrs=None,
+        mode="x",
+        dtype="float16",
+        chunk_rows=1024,
+        compression="gzip",
+    ):
+        if mode not in ("x", "w", "a"):
+            raise ValueError(f"mode must be 'x', 'w' or 'a'; got {mode!r}.")
+        if np.dtype(dtype) not in (np.float16, np.float32):
+            raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}.")
+        self.path = Path(path)
+        self.classes = [str(c) for c in classes]
+        if len(self.classes) < 1:
+            raise ValueError("classes must name at least one class.")
+        self.dtype = np.dtype(dtype)
+        self.chunk_rows = int(chunk_rows)
+        self.compression = compression
+        self.mode = mode
+        attrs = {k: _decode(v) for k, v in (attrs or {}).items()}
+
+        if mode == "x" and self.path.exists():
+            raise FileExistsError(
+                f"Feature file {str(self.path)!r} already exists; pass mode='a' to append to "
+                "it or mode='w' to replace it."
+            )
+        if mode == "w":
+            self._target = self.path
+            self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if mode == "a" and self.path.exists():
+            self._file = _open_h5(self.path, "r+")
+            self._check_compatible(attrs)
+        else:
+            self._file = _open_h5(self.path, "w" if mode == "w" else "x")
+            self._file.create_dataset(
+                "classes", data=np.array(self.classes, dtype=object), dtype=h5py.string_dtype()
+            )
+            from ltlearn import __version__
+
+            created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            defaults = {"ltlearn_version": __version__, "created": created}
+            for key, value in {**defaults, **attrs}.items():
+                self._file.attrs[key] = value
+            self._file.flush()
+
+    def _check_compatible(self, attrs):
+        f = self._file
+        existing = [_decode(c) for c in f["classes"][()]] if "classes" in f else None
+        if existing != self.classes:
+            self._file.close()
+            raise FeatureFileError(
+                f"Refusing to append to {str(self.path)!r}: its classes {existing} differ from "
+                f"the writer's {self.classes}."
+            )
+        for key, value in attrs.items():
+            stored = _decode(f.attrs[key]) if key in f.attrs else value
+            if key != "created" and stored != value:
+                self._file.close()
+                raise FeatureFileError(
+                    f"Refusing to append to {str(self.path)!r}: it was written with "
+                    f"{key}={stored!r}, this writer has {key}={value!r}. "
+                    "Write to a new file instead."
+                )
+
+    def n_rows(self, split):
+        """Complete rows of ``split`` so far (0 for a split not yet written)."""
+        if split not in self._file:
+            return 0
+        return int(self._file[split].attrs.get("n_rows", 0))
+
+    def append(self, split, features, labels, ids=None):
+        """Append rows to ``split`` and mark them complete.
+
+        Parameters
+        ----------
+        split : str
+            Split name, e.g. ``"train"``.
+        features : array-like of shape (n, n_features)
+        labels : array-like of shape (n,)
+            Label indices into ``classes``.
+        ids : sequence of str, optional
+            One id per row; a split keeps ids for all its rows or none.
+        """
+        features = np.asarray(features)
+        labels = np.asarray(labels)
+        if features.ndim != 2:
+            raise ValueError(f"features must be 2-D; got shape {features.shape}.")
+        n = features.shape[0]
+        if labels.shape != (n,):
+            raise ValueError(f"labels has shape {labels.shape}; expected ({n},) to match features.")
+        if not np.issubdtype(labels.dtype, np.integer) and labels.size:
+            raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise ValueError(
+                f"labels must lie in 0..{len(self.classes) - 1} (one per class); "
+                f"got {labels.min()}..{labels.max()}."
+            )
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"ids has {len(ids)} entries for {n} rows.")
+        if not np.all(np.isfinite(features)):
+            raise ValueError(f"features of split '{split}' contain NaN or infinite values.")
+        group = self._file.require_group(split)
+        start = int(group.attrs.get("n_rows", 0))
+        datasets = self._datasets(group, features.shape[1], ids is not None)
+        stop = start + n
+        for name, values in (("features", features), ("labels", labels), ("ids", ids)):
+            if name in datasets:
+                datasets[name].resize(stop, axis=0)
+                datasets[name][start:stop] = values
+        self._file.flush()
+        group.attrs["n_rows"] = stop
+        self._file.flush()
+
+    def _datasets(self, group, n_features, with_ids):
+        if "features" not in group:
+            chunks = (min(self.chunk_rows, 1 << 20), n_features)
+            opts = {"compression": self.compression, "shuffle": self.compression is not None}
+            group.create_dataset(
+                "features",
+                (0, n_features),
+                self.dtype,
+                maxshape=(None, n_features),
+                chunks=chunks,
+                **opts,
+            )
+            group.create_dataset(
+                "labels", (0,), np.int64, maxshape=(None,), chunks=(self.chunk_rows,), **opts
+            )
+            if with_ids:
+                group.create_dataset(
+                    "ids", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(self.chunk_rows,)
+                )
+            group.attrs["n_rows"] = 0
+        stored = group["features"].shape[1]
+        if stored != n_features:
+            raise ValueError(
+                f"Split '{group.name.strip('/')}' of {str(self.path)!r} holds {stored}-d "
+                f"features; got {n_features}-d."
+            )
+        if with_ids != ("ids" in group):
+            raise ValueError(
+                f"Split '{group.name.strip('/')}' "
+                + ("has no ids; append without ids." if with_ids else "has ids; pass ids=.")
+            )
+        return {name: group[name] for name in ("features", "labels", "ids") if name in group}
+
+    def close(self, *, commit=True):
+        """Close the file; in ``mode="w"``, move it into place (or discard it)."""
+        if not self._file:
+            return
+        self._file.close()
+        if self.mode == "w":
+            if commit:
+                os.replace(self.path, self._target)
+            else:
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc_info):
+        self.close(commit=exc_type is None)
+
+
+def write_features(path, splits, classes, *, attrs=None, overwrite=False, dtype="float16"):
+    """Write a whole feature file at once, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination ``.h5`` file.
+    splits : dict
+        ``{split: (features, labels)}`` or ``{split: (features, labels, ids)}``.
+    classes : sequence of str
+        Class names in label order.
+    attrs : dict, default=None
+        Provenance attributes.
+    overwrite : bool, default=False
+        Replace an existing file (atomically: the old one stays intact until
+        the new one is complete).
+    dtype : {"float16", "float32"}, default="float16"
+        Storage type of the features.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> write_features(path, {"train": (np.ones((2, 2)), [0, 0])}, classes=["only"])
+    >>> read_features(path)[0].shape
+    (2, 2)
+    """
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(
+            f"Feature file {str(path)!r} already exists; pass overwrite=True to replace it."
+        )
+    with FeatureWriter(path, classes=classes, attrs=attrs, mode="w", dtype=dtype) as writer:
+        for split, arrays in splits.items():
+            writer.append(split, *arrays)

@@ -1,0 +1,97 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ltlearn._training import fit_module, resolve_device
+from ltlearn.exceptions import DeviceError
+from ltlearn.heads import L2Normalizer, Standardizer, make_head, make_normalizer
+from ltlearn.losses import LogitAdjustedLoss
+
+
+def test_logit_adjusted_loss_matches_hand_computation():
+    prior = torch.tensor([0.7, 0.2, 0.1])
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+    target = torch.tensor([2, 1])
+    loss = LogitAdjustedLoss(prior, tau=1.0)(logits, target)
+    z = logits.numpy() + np.log(prior.numpy())
+    expected = np.mean(
+        [
+            -(z[0, 2] - np.log(np.exp(z[0]).sum())),
+            -(z[1, 1] - np.log(np.exp(z[1]).sum())),
+        ]
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    plain = LogitAdjustedLoss(prior, tau=0.0)(logits, target)
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item())
+
+
+def test_logit_adjusted_loss_weights_samples():
+    loss = LogitAdjustedLoss(torch.tensor([0.5, 0.5]))
+    logits = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    target = torch.tensor([0, 1])
+    per_sample = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    weighted = loss(logits, target, torch.tensor([1.0, 3.0]))
+    assert weighted.item() == pytest.approx(
+        ((per_sample * torch.tensor([1.0, 3.0])).sum() / 4).item()
+    )
+
+
+def test_normalizers():
+    X = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    np.testing.assert_allclose(L2Normalizer(2)(X).norm(dim=1).numpy(), math.sqrt(2), rtol=1e-6)
+    std = make_normalizer("standard", X)
+    assert isinstance(std, Standardizer)
+    np.testing.assert_allclose(std(X).numpy(), [[1.0, 1.0], [-1.0, -1.0]], atol=1e-6)
+    # A constant column is left unscaled rather than divided by zero.
+    const = Standardizer.from_data(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    assert torch.isfinite(const(torch.tensor([[2.0, 6.0]]))).all()
+
+
+def test_linear_head_starts_at_the_given_bias():
+    head = make_head("linear", 3, 2, bias_init=torch.tensor([0.5, -0.5]))
+    np.testing.assert_allclose(head(torch.zeros(1, 3)).detach().numpy(), [[0.5, -0.5]])
+
+
+def test_fit_module_reduces_the_loss_and_returns_a_cpu_module_in_eval_mode():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 5, generator=g)
+    y = (X[:, 0] > 0).long()
+    head = make_head("mlp", 5, 2, hidden_size=8, generator=g)
+    history = fit_module(
+        head,
+        LogitAdjustedLoss(torch.tensor([0.5, 0.5])),
+        X,
+        y,
+        max_epochs=10,
+        batch_size=64,
+        generator=g,
+        lr=1e-2,
+    )
+    assert history[-1] < history[0] * 0.5
+    assert not head.training
+    assert next(head.parameters()).device.type == "cpu"
+
+
+def test_divergence_is_reported():
+    X = torch.tensor([[3e38, 0.0], [0.0, 3e38]]).repeat(5, 1)
+    y = torch.tensor([0, 1] * 5)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        fit_module(
+            make_head("linear", 2, 2),
+            LogitAdjustedLoss(torch.tensor([0.5, 0.5])),
+            X,
+            y,
+            optimizer="sgd",
+            max_epochs=3,
+            lr=10.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="not supported"):
+        resolve_device("meta")
