@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ltlearn._training import LR_SCHEDULES, OPTIMIZERS, fit_module, resolve_device, torch_generator
 from ltlearn.exceptions import DeviceWarning
-from ltlearn.heads import HEADS, NORMALIZERS, make_head, make_normalizer
+from ltlearn.heads import HEADS, NORMALIZERS, NormalizedHead, make_head, make_normalizer
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -176,7 +176,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             verbose=self.verbose,
             desc=type(self).__name__,
         )
-        self.module_ = torch.nn.Sequential(normalizer, head).eval()
+        self.module_ = NormalizedHead(normalizer, head).eval()
         self.device_ = str(device)
         return self
 

@@ -170,8 +170,9 @@ def fit_module(
         total = torch.zeros((), device=device)
         for start in range(0, n_samples, batch_size):
             idx = order[start : start + batch_size]
-            w = None if sample_weight is None else sample_weight[idx]
-            loss = criterion(module(X[idx]), y[idx], w)
+            # index_select: several times faster than X[idx] for row gathers on CPU.
+            w = None if sample_weight is None else sample_weight.index_select(0, idx)
+            loss = criterion(module(X.index_select(0, idx)), y.index_select(0, idx), w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

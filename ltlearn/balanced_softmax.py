@@ -98,7 +98,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Feature names, when ``X`` had string column names.
-    module_ : torch.nn.Sequential
+    module_ : ltlearn.heads.NormalizedHead
         The fitted normaliser and head, on the CPU in eval mode.
     history_ : list of float
         Mean training loss of each epoch.

@@ -168,8 +168,8 @@ def long_tailed_subset(
         available = members[label]
         if n_keep > len(available):
             raise ValueError(
-                f"Class {label.item()!r} has {len(available)} samples but the {profile} profile with "
-                f"n_max={n_max} and imbalance_ratio={imbalance_ratio} needs {n_keep}; "
+                f"Class {label.item()!r} has {len(available)} samples but the {profile} "
+                f"profile with n_max={n_max} and imbalance_ratio={imbalance_ratio} needs {n_keep}; "
                 "lower n_max or reorder the classes (class_order)."
             )
         chosen.append(rng.choice(available, n_keep, replace=False))

@@ -114,7 +114,7 @@ def test_repeated_fits_with_a_seed_are_identical(digits):
     for pa, pb in zip(a.module_.parameters(), b.module_.parameters(), strict=True):
         assert torch.equal(pa, pb)
     c = clone(a).set_params(random_state=1).fit(digits.X_train, digits.y_train)
-    assert not torch.equal(a.module_[1][0].weight, c.module_[1][0].weight)
+    assert not torch.equal(a.module_.head[0].weight, c.module_.head[0].weight)
 
 
 def test_sample_weight_sets_the_class_prior(digits):

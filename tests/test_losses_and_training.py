@@ -6,7 +6,13 @@ import torch
 
 from ltlearn._training import fit_module, resolve_device
 from ltlearn.exceptions import DeviceError
-from ltlearn.heads import L2Normalizer, Standardizer, make_head, make_normalizer
+from ltlearn.heads import (
+    L2Normalizer,
+    NormalizedHead,
+    Standardizer,
+    make_head,
+    make_normalizer,
+)
 from ltlearn.losses import LogitAdjustedLoss
 
 
@@ -95,3 +101,19 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(DeviceError, match="not supported"):
         resolve_device("meta")
+
+
+@pytest.mark.parametrize("normalize", ["l2", "standard", None])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "mlp"])
+def test_normalized_head_equals_normaliser_then_head(normalize, kind):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=g) * 3 + 1
+    head = make_head(kind, 6, 4, hidden_size=8, generator=g)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    module = NormalizedHead(make_normalizer(normalize, X), head)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            module(X).numpy(), head(module.normalizer(X)).numpy(), rtol=1e-5, atol=1e-5
+        )
