@@ -37,7 +37,10 @@ for tau in (1.0, 0.0):
     print("  class counts:", clf.class_counts_.tolist())
     shots = shot_accuracy(y_test, y_pred, clf.class_counts_)
     ranks = group_accuracy(y_test, y_pred, rank_groups(clf.class_counts_))
-    print("  " + "  ".join(f"{k} {100 * v:.1f}" for k, v in {**shots, **ranks}.items() if k != "overall"))
+    print(
+        "  "
+        + "  ".join(f"{k} {100 * v:.1f}" for k, v in {**shots, **ranks}.items() if k != "overall")
+    )
     print(f"  uniform test accuracy {100 * shots['overall']:.1f}")
     for oracle in (False, True):
         table = evaluate_test_agnostic(clf, X_test, y_test, oracle_prior=oracle)

@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ltlearn import BalancedSoftmaxClassifier
 from ltlearn.datasets import load_long_tailed_digits, shifted_test_subsets
-from ltlearn.metrics import SCORERS, shot_accuracy
+from ltlearn.metrics import SCORERS, make_shot_scorer, shot_accuracy
 
 data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
 print("training samples per class:", data.class_counts.tolist())
@@ -31,12 +31,18 @@ search = GridSearchCV(
         "balancedsoftmaxclassifier__weight_decay": [1e-3, 1e-2],
         "balancedsoftmaxclassifier__tau": [0.0, 1.0],
     },
-    scoring=SCORERS,
+    # Digits is small: its "many" classes have 50 or more samples, its "few" 20 or fewer.
+    scoring={
+        "balanced_accuracy": SCORERS["balanced_accuracy"],
+        "few_shot_accuracy": make_shot_scorer("few", many_threshold=50, few_threshold=20),
+    },
     refit="balanced_accuracy",
     cv=3,
 )
 search.fit(data.X_train, data.y_train)
 print("best parameters:", search.best_params_)
+few_cv = search.cv_results_["mean_test_few_shot_accuracy"][search.best_index_]
+print(f"  its cross-validated few-shot accuracy: {few_cv:.3f}")
 print(f"tuned pipeline, balanced test accuracy: {search.score(data.X_test, data.y_test):.3f}")
 
 # A known test distribution shifts the predictions without refitting: here a test

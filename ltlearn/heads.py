@@ -33,6 +33,17 @@ class L2Normalizer(nn.Module):
     The factor ``sqrt(n_features)`` gives features a root-mean-square of one,
     the scale at which a fixed learning rate and weight decay suit every
     embedding width (512-d CLIP and 1280-d EfficientNet alike).
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the input rows.
+
+    Examples
+    --------
+    >>> import torch
+    >>> L2Normalizer(4)(torch.tensor([[0.0, 3.0, 0.0, 4.0]]))
+    tensor([[0.0000, 1.2000, 0.0000, 1.6000]])
     """
 
     def __init__(self, n_features):
@@ -50,7 +61,19 @@ class L2Normalizer(nn.Module):
 
 
 class Standardizer(nn.Module):
-    """Subtract the training mean and divide by the training standard deviation."""
+    """Subtract the training mean and divide by the training standard deviation.
+
+    Parameters
+    ----------
+    mean, std : torch.Tensor of shape (n_features,)
+        Column statistics; zero deviations are replaced by one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> Standardizer.from_data(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))(torch.tensor([[2.0, 1.0]]))
+    tensor([[1., 0.]])
+    """
 
     def __init__(self, mean, std):
         super().__init__()
@@ -88,7 +111,20 @@ class CosineHead(nn.Module):
 
 
 class MLPHead(nn.Sequential):
-    """One hidden ReLU layer: ``Linear -> ReLU -> Linear``."""
+    """One hidden ReLU layer: ``Linear -> ReLU -> Linear``.
+
+    Parameters
+    ----------
+    n_features, n_classes, hidden_size : int
+    generator : torch.Generator
+        Source of the random initial weights.
+
+    Examples
+    --------
+    >>> import torch
+    >>> MLPHead(3, 2, 8, torch.Generator().manual_seed(0))(torch.ones(5, 3)).shape
+    torch.Size([5, 2])
+    """
 
     def __init__(self, n_features, n_classes, hidden_size, generator):
         super().__init__(
@@ -110,6 +146,14 @@ class NormalizedHead(nn.Module):
         From :func:`make_normalizer`.
     head : torch.nn.Module
         From :func:`make_head`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.randn(6, 4)
+    >>> module = NormalizedHead(make_normalizer("l2", X), make_head("linear", 4, 3))
+    >>> module(X).shape
+    torch.Size([6, 3])
     """
 
     def __init__(self, normalizer, head):

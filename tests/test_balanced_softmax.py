@@ -81,6 +81,9 @@ def test_test_prior_shifts_logits_as_documented(digits):
     np.testing.assert_allclose(uniform - raw, np.tile(-0.5 * log_p, (len(raw), 1)), atol=1e-5)
     train = clf.set_params(test_prior="train").decision_function(digits.X_test)
     np.testing.assert_allclose(train - raw, np.tile(0.5 * log_p, (len(raw), 1)), atol=1e-5)
+    # Changing tau after fitting does not change what the fitted model's logits mean.
+    clf.set_params(tau=1.0)
+    np.testing.assert_array_equal(clf.decision_function(digits.X_test), train)
 
 
 def test_test_prior_moves_predictions_towards_the_prior(digits):

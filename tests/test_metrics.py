@@ -98,7 +98,11 @@ def test_shot_scorer_in_grid_search(digits):
     few = make_shot_scorer("few", many_threshold=50, few_threshold=20)
     clf = BalancedSoftmaxClassifier(max_epochs=10, device="cpu", random_state=0)
     search = GridSearchCV(
-        clf, {"tau": [0.0, 1.0]}, scoring={**SCORERS, "few": few}, refit="balanced_accuracy", cv=2
+        clf,
+        {"tau": [0.0, 1.0]},
+        scoring={"balanced_accuracy": SCORERS["balanced_accuracy"], "few": few},
+        refit="balanced_accuracy",
+        cv=2,
     )
     search.fit(digits.X_train, digits.y_train)
     results = search.cv_results_
