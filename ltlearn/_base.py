@@ -1,8 +1,10 @@
 """Base class of ltlearn's torch-backed classifiers.
 
-A subclass supplies its training loss (``_make_criterion``) and, if it needs
-one, a shift of the predicted logits (``_logit_shift``); validation, the
-normaliser, the head, the training loop, prediction and pickling live here.
+A subclass supplies its training loss (``_make_criterion``), its trainable
+module (``_make_module``, by default the head named by its ``head`` parameter)
+and, if it needs one, a shift of the predicted logits (``_logit_shift``);
+validation, the normaliser, the training loop, prediction and pickling live
+here.
 """
 
 import io
@@ -22,7 +24,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ltlearn._training import LR_SCHEDULES, OPTIMIZERS, fit_module, resolve_device, torch_generator
 from ltlearn.exceptions import DeviceWarning
-from ltlearn.heads import HEADS, NORMALIZERS, NormalizedHead, make_head, make_normalizer
+from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -69,13 +71,24 @@ def _check_known_labels(estimator, y):
         )
 
 
+def _decision(scores):
+    """``decision_function`` output of ``(n_samples, n_classes)`` logits."""
+    return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+
+def _proba(scores):
+    return softmax(scores.astype(np.float64), axis=-1)
+
+
+def _log_proba(scores):
+    scores = scores.astype(np.float64)
+    return scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True)
+
+
 class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     """Shared machinery of classifiers that train a torch head on fixed features."""
 
     _parameter_constraints: dict = {
-        "head": [StrOptions(set(HEADS))],
-        "hidden_size": [Interval(Integral, 1, None, closed="left")],
-        "cosine_scale": [Interval(Real, 0, None, closed="neither")],
         "normalize": [StrOptions(set(NORMALIZERS)), None],
         "optimizer": [StrOptions(set(OPTIMIZERS))],
         "lr": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
@@ -83,7 +96,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         "max_epochs": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
-        "balanced_sampling": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -96,6 +108,22 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     def _initial_bias(self, class_prior):
         """Starting output bias of the head (a tensor), or None for zeros."""
         return None
+
+    def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):
+        """The module to train; ``n_steps`` is the number of optimizer steps ahead."""
+        return make_head(
+            self.head,
+            n_features,
+            n_classes,
+            hidden_size=self.hidden_size,
+            cosine_scale=self.cosine_scale,
+            bias_init=self._initial_bias(class_prior),
+            generator=generator,
+        )
+
+    def _prediction_module(self, trained):
+        """The part of the trained module that maps normalised features to logits."""
+        return trained
 
     def _logit_shift(self):
         """An array added to the logits at predict time, or None."""
@@ -140,7 +168,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         )
         self.class_counts_ = np.bincount(y_index, minlength=n_classes)
         weighted_totals = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
-        if self.balanced_sampling:
+        # Estimators whose loss needs the long-tailed prior have no such parameter.
+        balanced_sampling = getattr(self, "balanced_sampling", False)
+        if balanced_sampling:
             # Balanced batches show the loss a uniform label distribution.
             weighted_totals = np.ones(n_classes)
         # A class whose samples all weigh zero still needs a finite log-prior.
@@ -157,17 +187,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             Z = normalizer(X_t)
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
         criterion = self._make_criterion(prior)
-        head = make_head(
-            self.head,
-            X.shape[1],
-            n_classes,
-            hidden_size=self.hidden_size,
-            cosine_scale=self.cosine_scale,
-            bias_init=self._initial_bias(prior),
-            generator=generator,
-        )
+        n_steps = max_epochs * math.ceil(len(X) / min(batch_size, len(X)))
+        module = self._make_module(X.shape[1], n_classes, prior, generator, n_steps)
         self.history_ = fit_module(
-            head,
+            module,
             criterion,
             Z,
             torch.as_tensor(y_index, dtype=torch.int64),
@@ -178,26 +201,29 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             max_epochs=max_epochs,
             batch_size=batch_size,
             lr_schedule=self.lr_schedule,
-            balanced_sampling=self.balanced_sampling,
+            balanced_sampling=balanced_sampling,
             device=device,
             generator=generator,
             verbose=self.verbose,
             desc=type(self).__name__,
         )
-        self.module_ = NormalizedHead(normalizer, head).eval()
+        self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()
         self.criterion_ = criterion
         self.device_ = str(device)
         return self
 
-    def _logits(self, X):
-        """Raw logits of validated ``X`` as a float32 array, computed on the CPU."""
+    def _logits(self, X, *args):
+        """Raw logits of validated ``X`` as a float32 array, computed on the CPU.
+
+        ``args`` go to the module after the features; rows are on axis -2.
+        """
         X_t = _float_tensor(X)
         with torch.inference_mode():
             parts = [
-                self.module_(X_t[i : i + _PREDICT_CHUNK])
+                self.module_(X_t[i : i + _PREDICT_CHUNK], *args)
                 for i in range(0, len(X_t), _PREDICT_CHUNK)
             ]
-        return torch.cat(parts).numpy()
+        return torch.cat(parts, dim=-2).numpy()
 
     def _scores(self, X):
         check_is_fitted(self)
@@ -218,8 +244,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
             For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
         """
-        scores = self._scores(X)
-        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+        return _decision(self._scores(X))
 
     def predict_proba(self, X):
         """Class probabilities: the softmax of the (shifted) logits.
@@ -233,7 +258,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes)
             Columns follow ``classes_``.
         """
-        return softmax(self._scores(X).astype(np.float64), axis=1)
+        return _proba(self._scores(X))
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably.
@@ -246,8 +271,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
         """
-        scores = self._scores(X).astype(np.float64)
-        return scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+        return _log_proba(self._scores(X))
 
     def predict(self, X):
         """Predict the class of each row of ``X``.

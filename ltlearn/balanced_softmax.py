@@ -1,12 +1,13 @@
 """BalancedSoftmaxClassifier: a torch head trained with the logit-adjusted loss."""
 
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ltlearn._base import TorchHeadClassifier
+from ltlearn.heads import HEADS
 from ltlearn.losses import LogitAdjustedLoss
 
 __all__ = ["BalancedSoftmaxClassifier"]
@@ -130,6 +131,10 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
 
     _parameter_constraints: dict = {
         **TorchHeadClassifier._parameter_constraints,
+        "head": [StrOptions(set(HEADS))],
+        "hidden_size": [Interval(Integral, 1, None, closed="left")],
+        "cosine_scale": [Interval(Real, 0, None, closed="neither")],
+        "balanced_sampling": ["boolean"],
         "tau": [Interval(Real, 0, None, closed="left")],
         "test_prior": [None, StrOptions({"uniform", "train"}), "array-like"],
     }

@@ -19,12 +19,22 @@ __all__ = [
     "MLPHead",
     "NormalizedHead",
     "Standardizer",
+    "init_linear",
     "make_head",
     "make_normalizer",
 ]
 
 HEADS = ("linear", "cosine", "mlp")
 NORMALIZERS = ("l2", "standard")
+
+
+def init_linear(layer, generator):
+    """Re-draw an ``nn.Linear``'s parameters as torch does by default, from ``generator``."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1.0 / math.sqrt(layer.in_features)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
 
 
 class L2Normalizer(nn.Module):
@@ -131,10 +141,7 @@ class MLPHead(nn.Sequential):
             nn.Linear(n_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, n_classes)
         )
         for layer in (self[0], self[2]):
-            # torch's own default for nn.Linear, drawn from our generator.
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            init_linear(layer, generator)
 
 
 class NormalizedHead(nn.Module):
@@ -161,14 +168,15 @@ class NormalizedHead(nn.Module):
         self.normalizer = normalizer
         self.head = head
 
-    def forward(self, x):
+    def forward(self, x, *args):
+        """Logits of raw features ``x``; ``args`` go to the head after the features."""
         if isinstance(self.normalizer, L2Normalizer) and isinstance(self.head, nn.Linear):
             # A row scale commutes with a linear map: scaling the (n, n_classes)
             # logits instead of the (n, n_features) input saves a full write of
             # x and doubles prediction throughput.
             logits = F.linear(x, self.head.weight)
             return torch.addcmul(self.head.bias, logits, self.normalizer.factor(x))
-        return self.head(self.normalizer(x))
+        return self.head(self.normalizer(x), *args)
 
 
 def make_head(

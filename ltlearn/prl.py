@@ -1,0 +1,565 @@
+"""PRLClassifier: hypernetwork-generated experts, steered by a preference vector.
+
+Zhao et al., "Breaking Long-Tailed Learning Bottlenecks: A Controllable Paradigm
+with Hypernetwork-Generated Diverse Experts" (NeurIPS 2024). A hypernetwork maps
+a point of the 3-simplex to a classifier head; training draws points near the
+three corners and fits each to its expert's loss (:class:`ltlearn.losses.PRLLoss`),
+so at predict time a preference over (forward, uniform, backward) picks a head
+anywhere between the three experts, without refitting.
+
+The backbone is frozen here, so the generated head works on cached features:
+what the paper generates for a network's last layer, this module generates for
+a shared linear head, as class-wise logit shifts and a low-rank weight update.
+"""
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from ltlearn._base import TorchHeadClassifier, _decision, _log_proba, _proba
+from ltlearn.heads import init_linear
+from ltlearn.losses import PRLLoss, inverse_prior
+
+__all__ = ["PRLClassifier", "PRLNetwork"]
+
+#: The corners of the preference simplex, in the order of the experts.
+EXPERTS = ("forward", "uniform", "backward")
+
+
+class PRLNetwork(nn.Module):
+    """A linear head whose weights and biases are generated from a preference.
+
+    For a point ``r_hat`` of the 3-simplex the generated head is::
+
+        logits(z) = (W + U(r_hat) V) z' + b + r_hat @ S + s(r_hat)
+
+    where ``z'`` is ``z`` after an optional residual adapter, ``W, b`` a shared
+    base head, ``V`` a shared ``rank x n_features`` projection, and the
+    hypernetwork ``h(r_hat)`` (one hidden tanh layer) outputs the class
+    factors ``U(r_hat)`` (``n_classes x rank``) and class-wise logit shifts
+    ``s(r_hat)``. ``S`` is fixed: the rows ``log(prior)``, ``0`` and
+    ``lam * log(inverse_prior)`` are the logit offsets by which the Bayes-optimal
+    forward, uniform and backward experts differ from a balanced model, so at
+    initialisation (``U = 0, s = 0``) each corner already is its expert around
+    the base head, and training learns how the experts differ beyond that.
+    The generator's size is ``hidden_size * n_classes * (rank + 1)``, never
+    ``n_features * n_classes`` per expert.
+
+    Parameters
+    ----------
+    n_features, n_classes : int
+    shift_basis : torch.Tensor of shape (3, n_classes)
+        ``S`` above.
+    rank : int
+        Rank of the generated weight update; 0 generates logit shifts only.
+    hidden_size : int
+        Width of the hypernetwork's hidden layer.
+    adapter_size : int or None
+        Hidden width of the residual adapter ``z + A2 relu(A1 z)``; None for none.
+    generator : torch.Generator
+        Source of the random initial weights.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = PRLNetwork(4, 3, torch.zeros(3, 3), rank=2, hidden_size=8, adapter_size=None,
+    ...                  generator=torch.Generator().manual_seed(0))
+    >>> net(torch.randn(5, 4), torch.eye(3)).shape  # 3 preferences, 5 rows, 3 classes
+    torch.Size([3, 5, 3])
+    """
+
+    def __init__(
+        self, n_features, n_classes, shift_basis, *, rank, hidden_size, adapter_size, generator
+    ):
+        super().__init__()
+        self.n_classes, self.rank = n_classes, rank
+        if adapter_size is None:
+            self.adapter = None
+        else:
+            self.adapter = nn.Sequential(
+                init_linear(nn.Linear(n_features, adapter_size), generator),
+                nn.ReLU(),
+                nn.Linear(adapter_size, n_features),
+            )
+            # A zero last layer starts the adapter as the identity map.
+            nn.init.zeros_(self.adapter[2].weight)
+            nn.init.zeros_(self.adapter[2].bias)
+        # The base head's problem is convex in its own parameters: start at zero, as
+        # make_head("linear") does.
+        self.base = nn.Linear(n_features, n_classes)
+        nn.init.zeros_(self.base.weight)
+        nn.init.zeros_(self.base.bias)
+        self.projection = init_linear(nn.Linear(n_features, max(rank, 1), bias=False), generator)
+        self.log_r = nn.Parameter(torch.zeros(3))
+        self.register_buffer("shift_basis", shift_basis.clone())
+        self.hyper = nn.Sequential(init_linear(nn.Linear(3, hidden_size), generator), nn.Tanh())
+        self.hyper_out = nn.Linear(hidden_size, n_classes * (rank + 1))
+        # Zero output: every generated head starts as base head + r_hat @ S.
+        nn.init.zeros_(self.hyper_out.weight)
+        nn.init.zeros_(self.hyper_out.bias)
+
+    @property
+    def r(self):
+        """The learnt positive vector ``r`` that maps preferences to ``r_hat``."""
+        return self.log_r.exp()
+
+    def r_hat(self, alpha):
+        """``(r * alpha) / (r . alpha)`` for preferences ``alpha`` of shape (..., 3)."""
+        weighted = alpha * self.r
+        return weighted / weighted.sum(dim=-1, keepdim=True)
+
+    def generate(self, r_hat):
+        """Logit shifts (m, n_classes) and factors ``U`` (m, n_classes, rank) of r_hat (m, 3)."""
+        out = self.hyper_out(self.hyper(r_hat))
+        shift = r_hat @ self.shift_basis + out[:, : self.n_classes]
+        factors = out[:, self.n_classes :].view(len(r_hat), self.n_classes, self.rank)
+        return shift, factors
+
+    def forward(self, z, r_hat):
+        """Logits of shape (m, n_samples, n_classes) of features ``z`` under each ``r_hat``."""
+        if self.adapter is not None:
+            z = z + self.adapter(z)
+        shift, factors = self.generate(r_hat)
+        logits = self.base(z).unsqueeze(0) + shift.unsqueeze(1)
+        if self.rank:
+            logits = logits + self.projection(z) @ factors.transpose(1, 2)
+        return logits
+
+
+class _DirichletTraining(nn.Module):
+    """Training view of a :class:`PRLNetwork`: each call uses the next step's draws.
+
+    ``alphas[t, i]`` is expert ``i``'s Dirichlet draw at step ``t``, drawn up
+    front from the estimator's ``random_state`` so that a fit is reproducible.
+    """
+
+    def __init__(self, network, alphas):
+        super().__init__()
+        self.network = network
+        self.register_buffer("alphas", alphas)
+        self.step = 0
+
+    def forward(self, z):
+        alpha = self.alphas[self.step % len(self.alphas)]
+        self.step += 1
+        # Row i of the output holds expert i's logits, as PRLLoss expects.
+        return self.network(z, self.network.r_hat(alpha))
+
+
+class PRLClassifier(TorchHeadClassifier):
+    """Long-tailed classifier whose head is chosen at predict time by a preference.
+
+    A hypernetwork generates classifier heads from points of the preference
+    simplex; it is trained so that the three corners are a forward expert
+    (cross-entropy: follows the long-tailed training distribution), a uniform
+    expert (Balanced Softmax: balanced classes) and a backward expert (SADE's
+    inverse softmax: the inverted distribution), and the points between blend
+    them (Zhao et al., NeurIPS 2024; see :class:`PRLNetwork` for the generated
+    head and :class:`ltlearn.losses.PRLLoss` for the loss).
+
+    **How predictions are formed.** The preference ``alpha`` (three
+    non-negative weights over forward, uniform, backward; scaled to sum to one)
+    becomes ``r_hat = (r * alpha) / (r . alpha)`` with the learnt positive
+    vector ``r_`` (a corner stays the same corner), the hypernetwork generates
+    the head for ``r_hat``, and the head's logits of the normalised features
+    are the output of :meth:`decision_function`; :meth:`predict_proba` is their
+    softmax and :meth:`predict` their argmax. Nothing else is added: at the
+    corners the logits are the experts' own.
+
+    Parameters
+    ----------
+    preference : {"uniform", "forward", "backward"} or array-like of shape (3,), default="uniform"
+        Weights over the (forward, uniform, backward) experts used by
+        :meth:`predict`, :meth:`predict_proba`, :meth:`decision_function` and
+        :meth:`score`. Read at predict time: ``set_params(preference=...)`` on a
+        fitted model takes effect at the next call, without refitting. The
+        prediction methods also accept a one-off ``preference=`` argument.
+    lam : float, default=2.0
+        The paper's lambda: strength of the inverse prior in the backward
+        expert's loss ``CE(logits + log(prior) - lam * log(inverse_prior))``.
+    mu : float, default=0.3
+        Smoothing of the Tchebycheff combination of the expert losses.
+    beta : (float, float) or array-like of shape (3, 3), default=(8.0, 1.0)
+        Dirichlet concentrations from which each expert's training preferences
+        are drawn. A pair ``(own, other)`` gives expert ``i`` concentration
+        ``own`` on its own corner and ``other`` on the two others; a 3 x 3 array
+        gives row ``i`` to expert ``i`` directly.
+    rank : int, default=8
+        Rank of the generated weight update (0: generated logit shifts only).
+    hidden_size : int, default=64
+        Hidden width of the hypernetwork.
+    adapter_size : int or None, default=None
+        Hidden width of an optional residual adapter on the features.
+    normalize : {"l2", "standard"} or None, default="l2"
+        Feature normalisation fitted inside the estimator.
+    optimizer : {"adam", "adamw", "sgd"}, default="adam"
+        See :class:`ltlearn.BalancedSoftmaxClassifier`.
+    lr : float or "auto", default="auto"
+        Peak learning rate; ``"auto"`` is ``0.1 / sqrt(n_features)``.
+    weight_decay : float, default=1e-2
+        Weight decay of the weight matrices (not of biases or ``r``).
+    max_epochs : int or "auto", default="auto"
+        Passes over the training set; ``"auto"`` as in BalancedSoftmaxClassifier.
+    batch_size : int or "auto", default="auto"
+        Mini-batch size; ``"auto"`` as in BalancedSoftmaxClassifier.
+    lr_schedule : {"onecycle", "cosine", "constant"}, default="onecycle"
+        Learning-rate schedule over all steps.
+    device : str, default="auto"
+        Torch device to train on (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        Prediction runs on the CPU.
+    random_state : int, RandomState instance or None, default=None
+        Decides initial weights, batch order and the Dirichlet draws.
+    verbose : bool, default=False
+        Show a progress bar over epochs.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names, when ``X`` had string column names.
+    class_counts_ : ndarray of shape (n_classes,)
+        Training samples per class.
+    class_prior_ : ndarray of shape (n_classes,)
+        Training class frequencies (sample-weighted).
+    r_ : ndarray of shape (3,)
+        The learnt vector ``r``.
+    module_ : ltlearn.heads.NormalizedHead
+        The fitted normaliser and :class:`PRLNetwork`, on the CPU in eval mode.
+    criterion_ : ltlearn.losses.PRLLoss
+        The training loss.
+    history_ : list of float
+        Mean training loss of each epoch.
+    device_ : str
+        Device the network was trained on.
+
+    See Also
+    --------
+    BalancedSoftmaxClassifier : One uniform expert, shifted post hoc by ``test_prior``.
+
+    Examples
+    --------
+    >>> from ltlearn import PRLClassifier
+    >>> from ltlearn.datasets import load_long_tailed_digits
+    >>> data = load_long_tailed_digits(random_state=0)
+    >>> clf = PRLClassifier(random_state=0).fit(data.X_train, data.y_train)
+    >>> bool(clf.score(data.X_test, data.y_test) > 0.85)
+    True
+    >>> head_first = clf.predict(data.X_test, preference="forward")
+    >>> tail_first = clf.predict(data.X_test, preference="backward")
+    >>> bool((head_first == 0).sum() > (tail_first == 0).sum())  # class 0 is the head
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **TorchHeadClassifier._parameter_constraints,
+        "preference": [StrOptions(set(EXPERTS)), "array-like"],
+        "lam": [Interval(Real, 0, None, closed="left")],
+        "mu": [Interval(Real, 0, None, closed="neither")],
+        "beta": ["array-like"],
+        "rank": [Interval(Integral, 0, None, closed="left")],
+        "hidden_size": [Interval(Integral, 1, None, closed="left")],
+        "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
+    def __init__(
+        self,
+        preference="uniform",
+        *,
+        lam=2.0,
+        mu=0.3,
+        beta=(8.0, 1.0),
+        rank=8,
+        hidden_size=64,
+        adapter_size=None,
+        normalize="l2",
+        optimizer="adam",
+        lr="auto",
+        weight_decay=1e-2,
+        max_epochs="auto",
+        batch_size="auto",
+        lr_schedule="onecycle",
+        device="auto",
+        random_state=None,
+        verbose=False,
+    ):
+        self.preference = preference
+        self.lam = lam
+        self.mu = mu
+        self.beta = beta
+        self.rank = rank
+        self.hidden_size = hidden_size
+        self.adapter_size = adapter_size
+        self.normalize = normalize
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr_schedule = lr_schedule
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- training ---------------------------------------------------------------
+
+    def _concentrations(self):
+        beta = np.asarray(self.beta, dtype=np.float64)
+        if beta.shape == (2,):
+            own, other = beta
+            beta = np.full((3, 3), other) + np.eye(3) * (own - other)
+        if beta.shape != (3, 3) or not np.all(np.isfinite(beta)) or np.any(beta <= 0):
+            raise ValueError(
+                "beta must be a pair (own, other) or a 3 x 3 array of positive, finite "
+                f"Dirichlet concentrations; got {self.beta!r}."
+            )
+        return beta
+
+    def _shift_basis(self, class_prior):
+        log_prior = torch.log(class_prior)
+        basis = torch.stack(
+            [
+                log_prior,
+                torch.zeros_like(log_prior),
+                self.lam * torch.log(inverse_prior(class_prior)),
+            ]
+        )
+        # Softmax ignores constant offsets; centred rows keep the generated biases small.
+        return basis - basis.mean(dim=1, keepdim=True)
+
+    def _make_criterion(self, class_prior):
+        return PRLLoss(class_prior, lam=self.lam, mu=self.mu)
+
+    def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):
+        beta = self._concentrations()
+        # Drawn with numpy from the same seed stream: torch's Dirichlet takes no generator.
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        alphas = np.stack([rng.dirichlet(beta[i], size=n_steps) for i in range(3)], axis=1)
+        network = PRLNetwork(
+            n_features,
+            n_classes,
+            self._shift_basis(class_prior),
+            rank=self.rank,
+            hidden_size=self.hidden_size,
+            adapter_size=self.adapter_size,
+            generator=generator,
+        )
+        return _DirichletTraining(network, torch.as_tensor(alphas, dtype=torch.float32))
+
+    def _prediction_module(self, trained):
+        return trained.network
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit the hypernetwork and its experts on features ``X`` and labels ``y``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Feature vectors, e.g. frozen embeddings.
+        y : array-like of shape (n_samples,)
+            Class labels (numbers or strings).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples in every expert's loss.
+
+        Returns
+        -------
+        self : object
+            The fitted classifier.
+        """
+        self._concentrations()  # a bad beta fails before any training
+        super().fit(X, y, sample_weight=sample_weight)
+        self.r_ = self.module_.head.r.detach().numpy().astype(np.float64)
+        return self
+
+    # -- preferences ------------------------------------------------------------
+
+    def _check_preference(self, preference):
+        """A preference as a (3,) float array summing to one, or a clear error."""
+        if isinstance(preference, str):
+            if preference not in EXPERTS:
+                raise ValueError(
+                    f"preference must be one of {list(EXPERTS)} or 3 non-negative weights; "
+                    f"got {preference!r}."
+                )
+            return np.eye(3)[EXPERTS.index(preference)]
+        try:
+            alpha = np.asarray(preference, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"preference must be a name or 3 non-negative weights; got {preference!r}."
+            ) from exc
+        if alpha.shape != (3,):
+            raise ValueError(
+                "preference must hold 3 weights (forward, uniform, backward); "
+                f"got shape {alpha.shape}: {preference!r}."
+            )
+        if not np.all(np.isfinite(alpha)):
+            raise ValueError(f"preference must be finite; got {preference!r}.")
+        if np.any(alpha < 0):
+            raise ValueError(f"preference weights must be non-negative; got {preference!r}.")
+        if alpha.sum() == 0:
+            raise ValueError(f"preference weights must not all be zero; got {preference!r}.")
+        return alpha / alpha.sum()
+
+    def _r_hats(self, preferences):
+        alphas = np.stack([self._check_preference(p) for p in preferences])
+        weighted = alphas * self.r_
+        return torch.as_tensor(weighted / weighted.sum(axis=1, keepdims=True), dtype=torch.float32)
+
+    def _scores(self, X, preference=None):
+        check_is_fitted(self)
+        preference = self.preference if preference is None else preference
+        r_hat = self._r_hats([preference])
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        return self._logits(X, r_hat)[0]
+
+    def preference_for_imbalance(self, imbalance_ratio, direction="forward"):
+        """The preference this estimator suggests for a test set of a given imbalance.
+
+        The rule: the forward corner's logits differ from the uniform corner's
+        by ``log(prior)`` and the backward corner's by ``lam *
+        log(inverse_prior)`` (so the generator is built, see
+        :class:`PRLNetwork`). A test set with the training set's class order and
+        imbalance ratio ``rho`` has, on an exponential profile, a log-prior of
+        ``t * log(prior)`` with ``t = log(rho) / log(rho_train)``, ``rho_train``
+        the training imbalance ratio. So a forward test set gets ``r_hat =
+        (t, 1 - t, 0)`` and a backward one ``r_hat = (0, 1 - s, s)`` with ``s =
+        t / lam``, each capped at its corner, and the returned preference is
+        the ``alpha`` that ``r_`` maps to that ``r_hat``.
+
+        Parameters
+        ----------
+        imbalance_ratio : float
+            Ratio of the largest to the smallest class of the test set, >= 1;
+            1 means balanced.
+        direction : {"forward", "backward"}, default="forward"
+            ``"forward"``: the training set's large classes are large in the test
+            set too; ``"backward"``: the order is inverted.
+
+        Returns
+        -------
+        preference : ndarray of shape (3,)
+            Weights over (forward, uniform, backward), summing to one; pass it as
+            ``preference=``.
+        """
+        check_is_fitted(self)
+        if not (isinstance(imbalance_ratio, Real) and imbalance_ratio >= 1):
+            raise ValueError(f"imbalance_ratio must be a number >= 1; got {imbalance_ratio!r}.")
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be 'forward' or 'backward'; got {direction!r}.")
+        train_ratio = self.class_counts_.max() / max(self.class_counts_.min(), 1)
+        t = math.log(imbalance_ratio) / math.log(train_ratio) if train_ratio > 1 else 0.0
+        if direction == "forward":
+            t = min(t, 1.0)
+            r_hat = np.array([t, 1.0 - t, 0.0])
+        else:
+            s = min(t / self.lam, 1.0) if self.lam > 0 else 0.0
+            r_hat = np.array([0.0, 1.0 - s, s])
+        alpha = r_hat / self.r_
+        return alpha / alpha.sum()
+
+    # -- prediction -------------------------------------------------------------
+
+    def decision_function(self, X, preference=None):
+        """Logits of the head generated for the preference.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preference : str or array-like of shape (3,), default=None
+            Overrides the ``preference`` parameter for this call only.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
+        """
+        return _decision(self._scores(X, preference))
+
+    def predict_proba(self, X, preference=None):
+        """Class probabilities under the preference: the softmax of its logits.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preference : str or array-like of shape (3,), default=None
+            Overrides the ``preference`` parameter for this call only.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+        """
+        return _proba(self._scores(X, preference))
+
+    def predict_log_proba(self, X, preference=None):
+        """Logarithm of :meth:`predict_proba`, computed stably.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preference : str or array-like of shape (3,), default=None
+            Overrides the ``preference`` parameter for this call only.
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+        """
+        return _log_proba(self._scores(X, preference))
+
+    def predict(self, X, preference=None):
+        """Predicted classes under the preference.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preference : str or array-like of shape (3,), default=None
+            Overrides the ``preference`` parameter for this call only.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+        """
+        scores = self._scores(X, preference)
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def decision_function_many(self, X, preferences):
+        """Logits under many preferences at once, sharing the work on ``X``.
+
+        The features are normalised and projected once; each preference then
+        costs one small hypernetwork pass and an ``(n_samples, rank)`` by
+        ``(rank, n_classes)`` product.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preferences : sequence of str or array-like of shape (n_preferences, 3)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_preferences, n_samples, n_classes)
+            ``scores[m]`` equals ``decision_function(X, preference=preferences[m])``
+            (up to float rounding), also for two classes.
+        """
+        check_is_fitted(self)
+        r_hats = self._r_hats(list(preferences))
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        return self._logits(X, r_hats)
+
+    def predict_many(self, X, preferences):
+        """Predicted classes under many preferences; see :meth:`decision_function_many`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        preferences : sequence of str or array-like of shape (n_preferences, 3)
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_preferences, n_samples)
+        """
+        scores = self.decision_function_many(X, preferences)
+        return self.classes_[np.argmax(scores, axis=2)]
