@@ -10,11 +10,11 @@ fit on the same data, since absolute seconds vary with the machine's load.
 """
 
 import argparse
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import rows_per_second, timed_fit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -29,55 +29,6 @@ from ltlearn.metrics import group_accuracy, rank_groups, shot_groups
 DEFAULT_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_effnetlite0.h5"
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 N_FOLDS = 3
-
-
-class PeakRSS:
-    """Peak resident memory above the starting level while the block runs (Linux)."""
-
-    def __init__(self, interval=0.005):
-        self.interval = interval
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def _watch(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, self.rss())
-            self._done.wait(self.interval)
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.mib = (self.peak - self.start) / 2**20
-
-
-def timed_fit(make, X, y):
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        model = make().fit(X, y)
-        seconds = time.perf_counter() - start
-    return model, seconds, mem.mib
-
-
-def rows_per_second(predict, X, repeats=3):
-    best = min(_time(predict, X) for _ in range(repeats))
-    return len(X) / best
-
-
-def _time(fn, X):
-    start = time.perf_counter()
-    fn(X)
-    return time.perf_counter() - start
 
 
 def lr_pipeline(C=1.0, class_weight=None):

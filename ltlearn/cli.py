@@ -42,7 +42,7 @@ def _demo(args):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from ltlearn import BalancedSoftmaxClassifier
+    from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
     from ltlearn.metrics import shot_accuracy
 
     X, y, X_test, y_test, title, thresholds = _load_demo_data(args)
@@ -58,6 +58,7 @@ def _demo(args):
         "BalancedSoftmaxClassifier()": BalancedSoftmaxClassifier(**common),
         "BalancedSoftmaxClassifier(head='mlp')": BalancedSoftmaxClassifier(head="mlp", **common),
         "BalancedSoftmaxClassifier(tau=0) [plain CE]": BalancedSoftmaxClassifier(tau=0, **common),
+        "PRLClassifier() [uniform preference]": PRLClassifier(**common),
         "LogisticRegression [scikit-learn reference]": make_pipeline(
             StandardScaler(), LogisticRegression(max_iter=1000)
         ),

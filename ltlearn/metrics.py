@@ -24,6 +24,7 @@ __all__ = [
     "rank_groups",
     "shot_accuracy",
     "shot_groups",
+    "evaluate_preferences",
     "evaluate_test_agnostic",
 ]
 
@@ -337,6 +338,76 @@ def evaluate_test_agnostic(
     },
     prefer_skip_nested_validation=True,
 )
+def evaluate_preferences(
+    estimator, X, y, preferences, *, groups=None, imbalance_ratio=50, random_state=0
+):
+    """Accuracy of a preference-steered classifier at many preferences at once.
+
+    For each preference: accuracy on the forward and backward long-tailed test
+    sets of ratio ``imbalance_ratio`` drawn from the balanced ``(X, y)`` (in the
+    training class order), on ``(X, y)`` itself, and mean per-class accuracy in
+    each group of classes. Logits are computed once per preference for all of
+    ``X`` (``decision_function_many``), so a grid of preferences is cheap.
+
+    Parameters
+    ----------
+    estimator : PRLClassifier
+        Fitted; any estimator with ``decision_function_many`` and ``class_counts_``.
+    X, y : array-like
+        A balanced test set.
+    preferences : array-like of shape (n_preferences, 3) or list of str
+    groups : array-like of shape (n_classes,), default=None
+        Group name of each class; by default :func:`shot_groups` of the
+        estimator's training counts (use :func:`rank_groups` on data sets with
+        few classes).
+    imbalance_ratio : float, default=50
+        Ratio of the shifted test sets.
+    random_state : int, default=0
+        Decides which test samples the shifted sets keep.
+
+    Returns
+    -------
+    accuracy : dict of str to ndarray of shape (n_preferences,)
+        Keys ``forward_<ratio>``, ``uniform``, ``backward_<ratio>``, then the
+        group names.
+
+    Examples
+    --------
+    >>> from ltlearn import PRLClassifier
+    >>> from ltlearn.datasets import load_long_tailed_digits
+    >>> data = load_long_tailed_digits(random_state=0)
+    >>> clf = PRLClassifier(random_state=0).fit(data.X_train, data.y_train)
+    >>> groups = shot_groups(clf.class_counts_, many_threshold=50)
+    >>> acc = evaluate_preferences(clf, data.X_test, data.y_test, ["forward", "backward"],
+    ...                            groups=groups, imbalance_ratio=10)
+    >>> list(acc)
+    ['forward_10', 'uniform', 'backward_10', 'many', 'medium', 'few']
+    >>> bool(acc["forward_10"][0] > acc["forward_10"][1])
+    True
+    """
+    y = np.asarray(y)
+    classes = np.asarray(estimator.classes_)
+    positions = _label_positions(y, classes, "y")
+    subsets = shifted_test_subsets(
+        y,
+        imbalance_ratios=[imbalance_ratio],
+        class_order=_training_order(estimator),
+        random_state=random_state,
+    )
+    if groups is None:
+        groups = shot_groups(estimator.class_counts_)
+    groups = np.asarray(groups)
+    predicted = np.argmax(estimator.decision_function_many(X, preferences), axis=2)
+    correct = predicted == positions
+    result = {name: correct[:, idx].mean(axis=1) for name, idx in subsets.items()}
+    per_class = np.stack(
+        [correct[:, positions == c].mean(axis=1) for c in range(len(classes))], axis=1
+    )
+    for name in dict.fromkeys(groups.tolist()):
+        result[name] = per_class[:, groups == name].mean(axis=1)
+    return result
+
+
 def make_shot_scorer(group="few", *, many_threshold=100, few_threshold=20):
     """A scorer of the accuracy on one shot group, for ``GridSearchCV(scoring=...)``.
 

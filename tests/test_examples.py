@@ -19,3 +19,14 @@ def test_cifar10_lt_example_runs(cifar_features, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["cifar10_lt.py", "--features", str(cifar_features)])
     runpy.run_path(str(EXAMPLES / "cifar10_lt.py"), run_name="__main__")
     assert "with true test prior" in capsys.readouterr().out
+
+
+def test_prl_example_writes_the_simplex_figure(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "simplex.png"
+    argv = ["prl_preferences.py", "--features", str(tmp_path / "absent.h5"), "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(EXAMPLES / "prl_preferences.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "digits" in printed and "suggested per test set" in printed
+    assert out.read_bytes()[:4] == b"\x89PNG"
