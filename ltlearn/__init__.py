@@ -5,8 +5,14 @@ embeddings, on a GPU when there is one and on the CPU otherwise.
 """
 
 from ltlearn.balanced_softmax import BalancedSoftmaxClassifier
+from ltlearn.calibration import LongTailTemperatureScaler
 from ltlearn.prl import PRLClassifier
 
 __version__ = "0.1.0"
 
-__all__ = ["BalancedSoftmaxClassifier", "PRLClassifier", "__version__"]
+__all__ = [
+    "BalancedSoftmaxClassifier",
+    "LongTailTemperatureScaler",
+    "PRLClassifier",
+    "__version__",
+]

@@ -18,6 +18,12 @@ from ltlearn.datasets import TEST_DISTRIBUTIONS, shifted_test_subsets
 
 __all__ = [
     "SCORERS",
+    "adaptive_calibration_error",
+    "brier_score",
+    "classwise_calibration_error",
+    "expected_calibration_error",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
     "group_accuracy",
     "make_shot_scorer",
     "per_class_accuracy",
@@ -469,3 +475,147 @@ SCORERS = {
     "accuracy": get_scorer("accuracy"),
     **{f"{g}_shot_accuracy": make_shot_scorer(g) for g in SHOT_GROUPS},
 }
+
+
+# -- calibration ---------------------------------------------------------------
+
+
+def _check_probabilities(y_true, y_prob, labels):
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    if y_prob.ndim != 2:
+        raise ValueError(f"y_prob must be 2-D (n_samples, n_classes); got shape {y_prob.shape}.")
+    if not np.all(np.isfinite(y_prob)) or np.any(y_prob < 0):
+        raise ValueError("y_prob must hold finite, non-negative probabilities.")
+    labels = np.arange(y_prob.shape[1]) if labels is None else np.asarray(labels)
+    if len(labels) != y_prob.shape[1]:
+        raise ValueError(f"y_prob has {y_prob.shape[1]} columns but labels has {len(labels)}.")
+    y_index = _label_positions(np.asarray(y_true), labels, "y_true")
+    if len(y_index) != len(y_prob):
+        raise ValueError(f"y_true has {len(y_index)} samples but y_prob has {len(y_prob)}.")
+    return y_index, y_prob
+
+
+def _binned_gaps(confidence, correct, n_bins, strategy):
+    """(fraction of samples, |accuracy - confidence|) of each non-empty bin."""
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        # Right-closed bins (a, b]; a confidence of exactly 0 joins the first bin.
+        bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+        members = [bins == b for b in range(n_bins)]
+    else:  # equal mass: the same number of samples (up to one) in each bin
+        order = np.argsort(confidence, kind="stable")
+        members = []
+        for part in np.array_split(order, n_bins):
+            mask = np.zeros(len(confidence), dtype=bool)
+            mask[part] = True
+            members.append(mask)
+    n = len(confidence)
+    return np.array(
+        [(m.sum() / n, abs(correct[m].mean() - confidence[m].mean())) for m in members if m.any()]
+    ).reshape(-1, 2)
+
+
+def expected_calibration_error(y_true, y_prob, *, n_bins=15, strategy="uniform", labels=None):
+    """Expected calibration error of the top-label confidence.
+
+    ``sum_b (n_b / n) |accuracy_b - confidence_b|`` over bins of the predicted
+    class's probability (Guo et al., "On Calibration of Modern Neural
+    Networks", ICML 2017).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+    y_prob : array-like of shape (n_samples, n_classes)
+        Predicted probabilities, columns in the order of ``labels``.
+    n_bins : int, default=15
+    strategy : {"uniform", "quantile"}, default="uniform"
+        Equal-width bins, or equal-mass bins (adaptive ECE; Nixon et al., 2019).
+    labels : array-like of shape (n_classes,), default=None
+        Class of each column; by default ``0 .. n_classes - 1``.
+
+    Returns
+    -------
+    ece : float
+
+    Examples
+    --------
+    >>> expected_calibration_error([0, 1], [[0.8, 0.2], [0.4, 0.6]], n_bins=10)
+    0.3
+    """
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    correct = (y_prob.argmax(axis=1) == y_index).astype(float)
+    gaps = _binned_gaps(y_prob.max(axis=1), correct, n_bins, strategy)
+    return float(np.sum(gaps[:, 0] * gaps[:, 1]))
+
+
+def adaptive_calibration_error(y_true, y_prob, *, n_bins=15, labels=None):
+    """ECE over equal-mass bins; see :func:`expected_calibration_error`.
+
+    Examples
+    --------
+    >>> round(adaptive_calibration_error([0, 1, 1, 0], [[0.9, 0.1], [0.3, 0.7],
+    ...                                                 [0.6, 0.4], [0.8, 0.2]], n_bins=2), 3)
+    0.15
+    """
+    return expected_calibration_error(
+        y_true, y_prob, n_bins=n_bins, strategy="quantile", labels=labels
+    )
+
+
+def maximum_calibration_error(y_true, y_prob, *, n_bins=15, labels=None):
+    """Largest ``|accuracy - confidence|`` over the non-empty equal-width bins.
+
+    Examples
+    --------
+    >>> maximum_calibration_error([0, 1], [[0.8, 0.2], [0.4, 0.6]], n_bins=10)
+    0.4
+    """
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    correct = (y_prob.argmax(axis=1) == y_index).astype(float)
+    gaps = _binned_gaps(y_prob.max(axis=1), correct, n_bins, "uniform")
+    return float(gaps[:, 1].max())
+
+
+def classwise_calibration_error(y_true, y_prob, *, n_bins=15, labels=None):
+    """Class-wise ECE: the mean over classes of the ECE of each class's probability.
+
+    For class ``c`` the bins are over ``p_c`` for every sample and the accuracy
+    is the frequency of ``y == c`` (Kull et al., "Beyond temperature scaling",
+    NeurIPS 2019).
+
+    Examples
+    --------
+    >>> classwise_calibration_error([0, 1], [[1.0, 0.0], [0.0, 1.0]])
+    0.0
+    """
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    errors = []
+    for c in range(y_prob.shape[1]):
+        gaps = _binned_gaps(y_prob[:, c], (y_index == c).astype(float), n_bins, "uniform")
+        errors.append(np.sum(gaps[:, 0] * gaps[:, 1]))
+    return float(np.mean(errors))
+
+
+def negative_log_likelihood(y_true, y_prob, *, labels=None):
+    """Mean ``-log p(y_true)``, probabilities floored at 1e-12.
+
+    Examples
+    --------
+    >>> round(negative_log_likelihood([0, 1], [[0.5, 0.5], [0.5, 0.5]]), 4)
+    0.6931
+    """
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    return float(-np.mean(np.log(np.maximum(y_prob[np.arange(len(y_index)), y_index], 1e-12))))
+
+
+def brier_score(y_true, y_prob, *, labels=None):
+    """Multi-class Brier score: mean over samples of ``sum_c (p_c - [y == c])^2``.
+
+    Examples
+    --------
+    >>> brier_score([0, 1], [[1.0, 0.0], [0.5, 0.5]])
+    0.25
+    """
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    onehot = np.eye(y_prob.shape[1])[y_index]
+    return float(np.mean(np.sum((y_prob - onehot) ** 2, axis=1)))

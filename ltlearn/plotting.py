@@ -3,9 +3,14 @@
 import numpy as np
 
 from ltlearn._optional import import_optional
-from ltlearn.metrics import evaluate_preferences
+from ltlearn.metrics import (
+    _check_probabilities,
+    evaluate_preferences,
+    expected_calibration_error,
+    maximum_calibration_error,
+)
 
-__all__ = ["plot_preference_simplex", "simplex_grid"]
+__all__ = ["plot_preference_simplex", "plot_reliability_diagram", "simplex_grid"]
 
 # Corners of the drawn triangle: forward bottom left, uniform top, backward bottom right.
 _CORNERS = np.array([[0.0, 0.0], [0.5, np.sqrt(3) / 2], [1.0, 0.0]])
@@ -111,5 +116,81 @@ def plot_preference_simplex(
     figure.suptitle(f"{type(estimator).__name__}: accuracy over the preference simplex")
     figure.tight_layout()
     if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_reliability_diagram(
+    y_true, y_prob, *, n_bins=15, labels=None, title=None, path=None, axes=None
+):
+    """Reliability diagram: accuracy against confidence, and the confidence histogram.
+
+    The top panel shows, for equal-width bins of the top-label confidence, the
+    accuracy of the samples in each bin as bars, the diagonal of perfect
+    calibration, and the gap between accuracy and confidence shaded; the bottom
+    panel shows how many samples fall in each bin. ECE and MCE are in the title.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+    y_prob : array-like of shape (n_samples, n_classes)
+    n_bins : int, default=15
+    labels : array-like of shape (n_classes,), default=None
+        Class of each column of ``y_prob``; by default ``0 .. n_classes - 1``.
+    title : str, default=None
+        Title above the ECE / MCE line.
+    path : str or path-like, default=None
+        Where to save the figure.
+    axes : pair of matplotlib Axes, default=None
+        Draw into these (reliability, histogram) instead of a new figure.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    plt = import_optional("matplotlib.pyplot", "plot")
+    y_index, y_prob = _check_probabilities(y_true, y_prob, labels)
+    confidence = y_prob.max(axis=1)
+    correct = y_prob.argmax(axis=1) == y_index
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    filled = counts > 0
+    accuracy = np.bincount(bins, weights=correct, minlength=n_bins)[filled] / counts[filled]
+    mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins)[filled] / counts[filled]
+    centres = (edges[:-1] + edges[1:])[filled] / 2
+    width = 1.0 / n_bins
+    if axes is None:
+        figure, axes = plt.subplots(
+            2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
+    top, bottom = axes
+    figure = top.figure
+    top.bar(centres, accuracy, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    bottom_edge = np.minimum(accuracy, mean_conf)
+    top.bar(
+        centres,
+        np.abs(mean_conf - accuracy),
+        bottom=bottom_edge,
+        width=width,
+        color="tab:red",
+        alpha=0.35,
+        hatch="//",
+        label="gap to confidence",
+    )
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    ece = expected_calibration_error(y_index, y_prob, n_bins=n_bins)
+    mce = maximum_calibration_error(y_index, y_prob, n_bins=n_bins)
+    summary = f"ECE {100 * ece:.2f} %, MCE {100 * mce:.2f} %"
+    top.set_title(summary if title is None else f"{title}\n{summary}", fontsize=10)
+    bottom.bar((edges[:-1] + edges[1:]) / 2, counts, width=width, color="gray", edgecolor="black")
+    bottom.set_xlabel("confidence (top-label probability)")
+    bottom.set_ylabel("samples")
+    if path is not None:
+        figure.tight_layout()
         figure.savefig(path, dpi=120)
     return figure

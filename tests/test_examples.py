@@ -30,3 +30,19 @@ def test_prl_example_writes_the_simplex_figure(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "digits" in printed and "suggested per test set" in printed
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibration_example_writes_reliability_diagrams(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "reliability.png"
+    argv = [
+        "calibration_reliability.py",
+        "--features",
+        str(tmp_path / "absent.h5"),
+        "--out",
+        str(out),
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(EXAMPLES / "calibration_reliability.py"), run_name="__main__")
+    assert "digits" in capsys.readouterr().out
+    assert out.read_bytes()[:4] == b"\x89PNG"
