@@ -1,8 +1,9 @@
-"""The ``ltlearn`` command line: ``ltlearn demo`` and ``ltlearn info``."""
+"""The ``ltlearn`` command line: ``demo``, ``info``, ``extract`` and ``merge``."""
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -108,6 +109,60 @@ def _info(args):
     return 0
 
 
+def _source(args):
+    from ltlearn.features.sources import CIFARSource, ImageFolderSource, ListFileSource
+
+    path = Path(args.source)
+    if args.list_file or path.suffix == ".txt":
+        return ListFileSource(path, root=args.root)
+    if CIFARSource._find(path) is not None:
+        return CIFARSource(path, split=args.split if args.split in ("train", "test") else "train")
+    return ImageFolderSource(path, prefix=args.prefix or "")
+
+
+def _parse_shard(text):
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected i/n, e.g. 0/4; got {text!r}") from exc
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n; got {text!r}")
+    return index, count
+
+
+def _extract(args):
+    from ltlearn.features import extract
+    from ltlearn.features.backbones import load_backbone
+
+    source = _source(args)
+    backbone = load_backbone(args.backbone)
+    out = extract(
+        source,
+        backbone,
+        args.output,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        on_error=args.on_error,
+        shard=args.shard,
+        verbose=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _merge(args):
+    from ltlearn.features import merge
+
+    merge(args.shards, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} from {len(args.shards)} shard(s)")
+    return 0
+
+
 def build_parser():
     """The argument parser of the ``ltlearn`` command."""
     parser = argparse.ArgumentParser(
@@ -150,19 +205,71 @@ def build_parser():
     )
     info.add_argument("file", metavar="FILE.h5")
     info.set_defaults(run=_info)
+
+    extract = commands.add_parser(
+        "extract",
+        help="embed an image set with a frozen backbone into a feature file",
+        description="Run a backbone over an image set and write its embeddings, labels and ids "
+        "to an HDF5 feature file. An existing output file is resumed (same backbone and "
+        "classes only) unless --overwrite is given.",
+    )
+    extract.add_argument(
+        "source",
+        help="image folder (<class>/<file>), a .zip of one, a CIFAR python directory, "
+        "or a list file of 'path label' lines",
+    )
+    extract.add_argument("output", metavar="OUT.h5")
+    extract.add_argument(
+        "--backbone",
+        default="efficientnet-lite0",
+        help="efficientnet-lite0 (default), open_clip:<model>[:<tag>], or a TorchScript / "
+        "torch.export file",
+    )
+    extract.add_argument("--split", default="train", help="split name in the file (default: train)")
+    extract.add_argument("--prefix", help="folder inside the source that holds the class folders")
+    extract.add_argument("--list-file", action="store_true", help="SOURCE is a list file")
+    extract.add_argument("--root", help="directory the paths of a list file are relative to")
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--workers", type=int, help="data-loading processes")
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    extract.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    extract.add_argument("--overwrite", action="store_true", help="replace OUT.h5")
+    extract.add_argument(
+        "--on-error", choices=["skip", "raise"], default="skip", help="corrupt images"
+    )
+    extract.add_argument(
+        "--shard", type=_parse_shard, metavar="I/N", help="process the I-th of N slices"
+    )
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(run=_extract)
+
+    merge = commands.add_parser(
+        "merge",
+        help="join shard feature files into one (HDF5 virtual data sets, nothing copied)",
+        description="Join the files written by 'ltlearn extract --shard I/N' into one feature "
+        "file whose features refer to the shards' rows.",
+    )
+    merge.add_argument("output", metavar="OUT.h5")
+    merge.add_argument("shards", nargs="+", metavar="SHARD.h5")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT.h5")
+    merge.set_defaults(run=_merge)
     return parser
 
 
 def main(argv=None):
-    """Run the ``ltlearn`` command; returns its exit status."""
+    """Run the ``ltlearn`` command; returns its exit status.
+
+    0 on success, 1 when the command failed (the error is printed), 2 for a
+    command line that argparse rejects.
+    """
     from ltlearn.exceptions import LtlearnError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (LtlearnError, FileNotFoundError, ValueError) as exc:
+    except (LtlearnError, OSError, ValueError, ImportError) as exc:
         print(f"ltlearn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_demo_on_a_feature_file_and_info(tmp_path, capsys):
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
-    assert main(["demo", "--features", str(tmp_path / "missing.h5")]) == 2
+    assert main(["demo", "--features", str(tmp_path / "missing.h5")]) == 1
     assert "missing.h5" in capsys.readouterr().err
 
 

@@ -1,5 +1,11 @@
-"""Feature files: read and write cached embeddings in ltlearn's HDF5 layout."""
+"""Feature files and feature extraction.
 
+Read and write cached embeddings in ltlearn's HDF5 layout (:mod:`ltlearn.features.io`),
+and make them: run a frozen backbone (:mod:`ltlearn.features.backbones`) over an
+image set (:mod:`ltlearn.features.sources`) with :func:`extract`.
+"""
+
+from ltlearn.features.extract import CorruptImageWarning, extract, merge
 from ltlearn.features.io import (
     FeatureFile,
     FeatureWriter,
@@ -8,4 +14,13 @@ from ltlearn.features.io import (
     write_features,
 )
 
-__all__ = ["FeatureFile", "FeatureWriter", "read_features", "read_metadata", "write_features"]
+__all__ = [
+    "CorruptImageWarning",
+    "FeatureFile",
+    "FeatureWriter",
+    "extract",
+    "merge",
+    "read_features",
+    "read_metadata",
+    "write_features",
+]

