@@ -231,7 +231,7 @@ class Slow(torch.nn.Module):
 
 backbone = from_module(Slow(), input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, name="slow")
 extract(ImageFolderSource(sys.argv[1]), backbone, sys.argv[2], batch_size=2, num_workers=0,
-        verbose=False)
+        engine="torch", verbose=False)
 """
 
 
@@ -261,7 +261,7 @@ def test_a_killed_extraction_resumes_without_gaps_or_duplicates(folder, tmp_path
         num_workers=0,
         verbose=False,
     )
-    np.testing.assert_allclose(X, read_features(whole)[0])
+    np.testing.assert_allclose(X, read_features(whole)[0], atol=1e-3)  # float16 storage
 
 
 def test_torchscript_and_export_files(folder, tmp_path):
@@ -361,3 +361,42 @@ def test_efficientnet_lite0_reproduces_the_shared_features(tmp_path):
     )
     assert cosine.mean() >= 0.9999
     assert os.path.getsize(out) > 0 and len(set(y)) == 10
+
+
+def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    source = ImageFolderSource(folder)
+    torch_path = extract(
+        source, tiny_backbone(), tmp_path / "t.h5", engine="torch", num_workers=0, verbose=False
+    )
+    ort_path = extract(
+        source,
+        tiny_backbone(),
+        tmp_path / "o.h5",
+        engine="onnxruntime",
+        num_workers=0,
+        verbose=False,
+    )
+    export = tmp_path / "o.h5.onnx"
+    assert export.exists()
+    np.testing.assert_allclose(read_features(ort_path)[0], read_features(torch_path)[0], atol=1e-3)
+    # A stale export (another model) is detected on the first batch and replaced.
+    other = from_module(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 24, 16), torch.nn.Flatten()), input_size=16
+    )
+    extract(source, other, tmp_path / "x.h5", engine="onnxruntime", num_workers=0, verbose=False)
+    stale = (tmp_path / "x.h5.onnx").read_bytes()
+    (tmp_path / "x.h5.onnx").replace(export)
+    again = extract(
+        source,
+        tiny_backbone(),
+        tmp_path / "o.h5",
+        overwrite=True,
+        engine="onnxruntime",
+        num_workers=0,
+        verbose=False,
+    )
+    assert export.read_bytes() != stale
+    np.testing.assert_allclose(read_features(again)[0], read_features(torch_path)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="engine must be"):
+        extract(source, tiny_backbone(), tmp_path / "e.h5", engine="tensorrt", verbose=False)

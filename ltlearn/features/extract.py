@@ -9,6 +9,7 @@ source into its own file, and :func:`merge` joins shard files into one file
 of HDF5 virtual data sets, without copying the features.
 """
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -18,11 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ltlearn._optional import import_optional
 from ltlearn._training import resolve_device
 from ltlearn.exceptions import FeatureFileError, LtlearnError
 from ltlearn.features.io import FeatureFile, FeatureWriter
 
 __all__ = ["CorruptImageWarning", "extract", "merge"]
+
+ENGINES = ("auto", "torch", "onnxruntime")
 
 
 class CorruptImageWarning(UserWarning):
@@ -61,6 +65,88 @@ def _collate(items):
     return max(indices) + 1, batch, labels, rows, bad
 
 
+class _OnnxRuntime:
+    """The backbone exported to ONNX once (cached at ``onnx_path``) and run by onnxruntime.
+
+    Checked against torch on the first batch of every run: a stale or wrong
+    cached export is re-exported, and one that still disagrees is an error.
+    A model that cannot be exported is an error when onnxruntime was asked
+    for (``strict``), and runs in torch with a warning when it was only the
+    automatic choice.
+    """
+
+    def __init__(self, backbone, onnx_path, strict):
+        self.ort = import_optional("onnxruntime", "onnx")
+        self.backbone, self.path, self.strict = backbone, Path(onnx_path), strict
+        self.session = None
+        self.fallback = False
+
+    def _export(self, batch):
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
+            torch.onnx.export(
+                _Embedding(self.backbone),
+                (batch[:1],),
+                str(tmp),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["embeddings"],
+                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                opset_version=17,
+            )
+        tmp.replace(self.path)
+
+    def _open(self):
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = self.ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def _run(self, batch):
+        return torch.from_numpy(self.session.run(None, {"images": batch.numpy()})[0])
+
+    def __call__(self, batch):
+        if self.fallback:
+            return self.backbone.embed(batch)
+        if self.session is None:
+            reference = self.backbone.embed(batch).float()
+            for attempt in ("cached", "fresh"):
+                if attempt == "fresh" or not self.path.exists():
+                    try:
+                        self._export(batch)
+                    except Exception as exc:  # exporters fail in many ways on unusual ops
+                        message = f"{self.backbone.name} cannot be exported to ONNX ({exc})"
+                        if self.strict:
+                            raise LtlearnError(f"{message}; use engine='torch'.") from exc
+                        warnings.warn(f"{message}; running it in torch.", stacklevel=3)
+                        self.fallback = True
+                        return reference
+                self._open()
+                out = self._run(batch)
+                scale = reference.abs().max().clamp_min(1e-12)
+                if out.shape == reference.shape and (out - reference).abs().max() <= 1e-3 * scale:
+                    return out
+            raise LtlearnError(
+                f"The ONNX export of {self.backbone.name} ({self.path}) disagrees with torch "
+                "on the first batch; use engine='torch'."
+            )
+        return self._run(batch)
+
+
+class _Embedding(torch.nn.Module):
+    """A backbone as a module that returns the embedding only (for export)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.module = backbone.module
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone.embed(x)
+
+
 def _shard_range(n_items, shard):
     if shard is None:
         return 0, n_items
@@ -85,6 +171,7 @@ def extract(
     overwrite=False,
     on_error="skip",
     shard=None,
+    engine="auto",
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -122,6 +209,13 @@ def extract(
     shard : (int, int), default=None
         ``(i, n)``: process only the i-th of n contiguous slices of the source
         (one process or GPU per shard); join the files with :func:`merge`.
+    engine : {"auto", "torch", "onnxruntime"}, default="auto"
+        How the backbone runs. ``"onnxruntime"`` (CPU only, the ``onnx``
+        extra) exports it to ONNX once, caches the export beside ``path``
+        (``<path>.onnx``), checks it against torch on the first batch, and runs
+        it with onnxruntime: several times faster than eager torch on a CPU.
+        ``"auto"`` is onnxruntime on the CPU when it is installed and the
+        backbone is a ``torch.nn.Module``, torch otherwise.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -131,6 +225,8 @@ def extract(
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}; got {engine!r}.")
     path = Path(path)
     device = resolve_device(device)
     ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]
@@ -155,9 +251,12 @@ def extract(
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
-        module = backbone.module
-        if isinstance(module, torch.nn.Module):
-            module = module.to(device).eval()
+        if isinstance(backbone.module, torch.nn.Module):
+            backbone.module.to(device).eval()
+        embed = backbone.embed
+        if _use_onnxruntime(engine, device, backbone):
+            onnx_path = path.with_name(path.name + ".onnx")
+            embed = _OnnxRuntime(backbone, onnx_path, strict=engine == "onnxruntime")
         autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else None
         progress = tqdm(
             total=stop - start,
@@ -178,9 +277,9 @@ def extract(
                     batch = batch.to(device, non_blocking=True)
                     if autocast is not None:
                         with autocast:
-                            features = backbone.embed(batch)
+                            features = embed(batch)
                     else:
-                        features = backbone.embed(batch)
+                        features = embed(batch)
                     # items_done moves with n_rows: both are flushed by the same append.
                     writer.append(
                         split,
@@ -194,6 +293,20 @@ def extract(
                 progress.update(end - start - done)
                 done = end - start
     return path
+
+
+def _use_onnxruntime(engine, device, backbone):
+    if engine == "torch":
+        return False
+    if engine == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError("engine='onnxruntime' runs on the CPU; use device='cpu'.")
+        if not isinstance(backbone.module, torch.nn.Module):
+            raise ValueError("engine='onnxruntime' needs a torch.nn.Module backbone to export.")
+        import_optional("onnxruntime", "onnx")
+        return True
+    available = importlib.util.find_spec("onnxruntime") is not None
+    return available and device.type == "cpu" and isinstance(backbone.module, torch.nn.Module)
 
 
 def merge(shards, path, *, overwrite=False):

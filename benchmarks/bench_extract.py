@@ -1,0 +1,124 @@
+"""Feature extraction speed and memory: the full pipeline against the bare forward pass.
+
+On images of ../shared/data/cifar10-test-jpg.zip with EfficientNet-Lite0, in the
+same run:
+
+- the backbone's bare forward pass over preprocessed batches held in memory
+  (images/s), and the full ``extract`` pipeline over the same images read
+  from the zip (decoding, preprocessing in DataLoader workers, forward pass,
+  HDF5 writes): their ratio is the cost of data loading (target >= 0.9);
+- CPU inference engines on the same batches: eager torch, TorchScript frozen
+  and optimised for inference, and ``torch.compile``;
+- peak resident memory of ``extract`` on N and 4N images: it must not grow
+  with the data set, since features stream to disk.
+
+    python benchmarks/bench_extract.py [--images 256] [--batch-size 32] [--workers 1]
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from measure import PeakRSS
+
+from ltlearn.features import extract
+from ltlearn.features.backbones import efficientnet_lite0
+from ltlearn.features.sources import ImageFolderSource
+
+ZIP = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-test-jpg.zip"
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+        self.classes = source.classes
+        self.ids = [source.ids[i] for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+def images_per_second(forward, batches):
+    forward(batches[0])  # warm-up: first-call allocations, compilation
+    start = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zip", type=Path, default=ZIP)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args()
+    if not args.zip.exists():
+        raise SystemExit(f"{args.zip} not found; pass --zip FILE.")
+    source = ImageFolderSource(args.zip, prefix="test")
+    picks = np.linspace(0, len(source) - 1, args.images).astype(int)
+    subset = _Subset(source, picks)
+    backbone = efficientnet_lite0()
+    module = backbone.module
+    images = torch.stack([backbone.preprocess(subset[i][0]) for i in range(len(subset))])
+    batches = list(torch.split(images, args.batch_size))
+    print(f"{len(subset)} images, batches of {args.batch_size}, {torch.get_num_threads()} threads")
+
+    with torch.inference_mode():
+        eager = images_per_second(module, batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        extract(
+            subset,
+            backbone,
+            Path(tmp) / "f.h5",
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            verbose=False,
+        )
+        pipeline = len(subset) / (time.perf_counter() - start)
+    print("\n| path | images/s | ratio to the bare eager forward pass |")
+    print("|---|---|---|")
+    print(f"| bare forward pass, eager torch | {eager:.1f} | 1.00 |")
+    print(f"| full extract() pipeline (zip -> HDF5) | {pipeline:.1f} | {pipeline / eager:.2f} |")
+
+    with torch.inference_mode():
+        frozen = torch.jit.optimize_for_inference(
+            torch.jit.freeze(torch.jit.trace(module.eval(), batches[0]))
+        )
+        scripted = images_per_second(frozen, batches)
+    print(f"| TorchScript, frozen + optimised | {scripted:.1f} | {scripted / eager:.2f} |")
+    if not args.skip_compile:
+        compiled = torch.compile(module)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            compiled(batches[0])
+            compile_s = time.perf_counter() - start
+            rate = images_per_second(compiled, batches)
+        print(f"| torch.compile (first call {compile_s:.0f} s) | {rate:.1f} | {rate / eager:.2f} |")
+
+    print("\n| images extracted | peak RSS above start (MiB) |")
+    print("|---|---|")
+    for n in (len(subset) // 4, len(subset)):
+        part = _Subset(source, picks[:n])
+        with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
+            extract(
+                part,
+                backbone,
+                Path(tmp) / "m.h5",
+                batch_size=args.batch_size,
+                num_workers=0,
+                verbose=False,
+            )
+        print(f"| {n} | {mem.mib:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
