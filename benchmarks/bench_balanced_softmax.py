@@ -79,7 +79,7 @@ def main():
         results = {}
 
         def log_proba(model):
-            return np.log(model.predict_proba(X_test) + 1e-300)
+            return np.log(model.predict_proba(X_test).astype(np.float64) + 1e-300)
 
         lr, lr_s, lr_mem = timed_fit(lr_pipeline, X, y)
         results["LogisticRegression"] = (lr_s, lr_mem, log_proba(lr), False, lr.predict)

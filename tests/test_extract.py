@@ -400,3 +400,56 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path
     np.testing.assert_allclose(read_features(again)[0], read_features(torch_path)[0], atol=1e-3)
     with pytest.raises(ValueError, match="engine must be"):
         extract(source, tiny_backbone(), tmp_path / "e.h5", engine="tensorrt", verbose=False)
+
+
+def test_torchvision_model_from_a_local_weights_file(folder, tmp_path):
+    models = pytest.importorskip("torchvision.models")
+    from ltlearn.features.backbones import torchvision_backbone
+
+    torch.manual_seed(0)
+    reference = models.get_model("resnet18", weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    backbone = torchvision_backbone("resnet18", tmp_path / "resnet18.pth", input_size=32)
+    batch = torch.rand(2, 3, 32, 32)
+    reference.fc = torch.nn.Identity()
+    torch.testing.assert_close(backbone.embed(batch), reference(batch))
+    assert backbone.embed(batch).shape == (2, 512)
+    with pytest.raises(ValueError, match="does not hold resnet34"):
+        torchvision_backbone("resnet34", tmp_path / "resnet18.pth")
+
+
+def test_augmented_views_are_stored_beside_the_plain_view(folder, tmp_path):
+    def flip(image):
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    out = extract(
+        ImageFolderSource(folder),
+        tiny_backbone(),
+        tmp_path / "v.h5",
+        views=2,
+        view_transform=flip,
+        engine="torch",
+        batch_size=4,
+        num_workers=0,
+        verbose=False,
+    )
+    plain = extract(
+        ImageFolderSource(folder),
+        tiny_backbone(),
+        tmp_path / "p.h5",
+        engine="torch",
+        num_workers=0,
+        verbose=False,
+    )
+    with FeatureFile(out) as f:
+        X, _ = f.read("train")
+        V = f.views("train")
+    assert V.shape == (10, 2, 24)
+    np.testing.assert_allclose(X, read_features(plain)[0], atol=1e-3)
+    np.testing.assert_allclose(V[:, 0], V[:, 1])  # the same (deterministic) flip twice
+    assert not np.allclose(V[:, 0], X, atol=1e-3)
+    assert FeatureFile(plain).views("train") is None
+    with pytest.raises(ValueError, match="view_transform"):
+        extract(
+            ImageFolderSource(folder), tiny_backbone(), tmp_path / "x.h5", views=2, verbose=False
+        )

@@ -24,6 +24,7 @@ __all__ = [
     "load_backbone",
     "open_clip_backbone",
     "saved_backbone",
+    "torchvision_backbone",
 ]
 
 
@@ -290,6 +291,57 @@ def saved_backbone(
     )
 
 
+def torchvision_backbone(
+    arch,
+    weights_path,
+    *,
+    input_size=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+):
+    """A torchvision classification model with weights from a local file, minus its classifier.
+
+    The model is built by ``torchvision.models.get_model(arch)``, its state dict
+    loaded from ``weights_path`` (``weights_only``), and its last
+    ``nn.Linear`` (the classifier: ``fc``, ``classifier[-1]``, ``heads.head``
+    ...) replaced by the identity, so that the output is the pooled embedding.
+
+    Parameters
+    ----------
+    arch : str
+        A torchvision model name, e.g. ``"resnet50"``.
+    weights_path : str or path-like
+        A state dict saved with ``torch.save(model.state_dict(), path)``
+        (torchvision's own ``.pth`` downloads are such files).
+    input_size : int, default=224
+    mean, std : sequence of 3 floats, default=ImageNet statistics
+
+    Returns
+    -------
+    backbone : Backbone
+    """
+    models = import_optional("torchvision.models", "torchvision")
+    if not os.path.exists(weights_path):
+        raise FileNotFoundError(f"Weights file {str(weights_path)!r} does not exist.")
+    try:
+        model = models.get_model(arch, weights=None)
+    except ValueError as exc:
+        raise ValueError(f"torchvision has no model {arch!r}: {exc}") from exc
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{str(weights_path)!r} does not hold {arch} weights: {exc}") from exc
+    last = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    model.set_submodule(last, torch.nn.Identity())
+    return Backbone(
+        model.eval(),
+        ImagePreprocess(input_size, mean, std),
+        name=f"torchvision {arch}",
+        weights=os.path.basename(str(weights_path)),
+    )
+
+
 def from_module(
     module,
     *,
@@ -341,8 +393,9 @@ def load_backbone(spec, **kwargs):
     """A backbone from a command-line style name.
 
     ``"efficientnet-lite0"``; ``"open_clip:<model>[:<pretrained tag>]"``;
-    a path to a TorchScript (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``)
-    file. ``kwargs`` go to the constructor.
+    ``"torchvision:<arch>:<weights file>"``; a path to a TorchScript
+    (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``) file. ``kwargs`` go to
+    the constructor.
 
     Returns
     -------
@@ -353,9 +406,12 @@ def load_backbone(spec, **kwargs):
     if spec.startswith("open_clip:"):
         _, model_name, *tag = spec.split(":", 2)
         return open_clip_backbone(model_name, tag[0] if tag else None, **kwargs)
+    if spec.startswith("torchvision:"):
+        _, arch, weights_path = spec.split(":", 2)
+        return torchvision_backbone(arch, weights_path, **kwargs)
     if os.path.exists(spec):
         return saved_backbone(spec, **kwargs)
     raise ValueError(
         f"Unknown backbone {spec!r}: use 'efficientnet-lite0', 'open_clip:<model>[:<tag>]', "
-        "or the path of a TorchScript / torch.export file."
+        "'torchvision:<arch>:<weights file>', or the path of a TorchScript / torch.export file."
     )

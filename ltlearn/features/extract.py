@@ -36,9 +36,10 @@ class CorruptImageWarning(UserWarning):
 class _Preprocessed(Dataset):
     """Items ``start .. stop`` of a source, preprocessed; failures become error records."""
 
-    def __init__(self, source, preprocess, start, stop):
+    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None):
         self.source, self.preprocess = source, preprocess
         self.start, self.stop = start, stop
+        self.views, self.view_transform = views, view_transform
 
     def __len__(self):
         return self.stop - self.start
@@ -47,7 +48,11 @@ class _Preprocessed(Dataset):
         index = self.start + i
         try:
             image, label = self.source[index]
-            return index, self.preprocess(image), int(label), None
+            tensor = self.preprocess(image)
+            if self.views:
+                augmented = [self.preprocess(self.view_transform(image)) for _ in range(self.views)]
+                tensor = torch.stack([tensor, *augmented])  # (1 + views, 3, H, W)
+            return index, tensor, int(label), None
         except Exception as exc:  # any decoding problem of any image library
             return index, None, -1, f"{type(exc).__name__}: {exc}"
 
@@ -172,6 +177,8 @@ def extract(
     on_error="skip",
     shard=None,
     engine="auto",
+    views=0,
+    view_transform=None,
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -216,6 +223,14 @@ def extract(
         it with onnxruntime: several times faster than eager torch on a CPU.
         ``"auto"`` is onnxruntime on the CPU when it is installed and the
         backbone is a ``torch.nn.Module``, torch otherwise.
+    views : int, default=0
+        Augmented views per image, embedded besides the plain view and stored
+        as ``/<split>/views`` (n, views, d), for estimators that use view
+        agreement at test time (read them with ``FeatureFile.views``).
+    view_transform : callable, default=None
+        PIL image -> PIL image, a random augmentation (e.g. a torchvision
+        ``RandomResizedCrop``); required when ``views > 0``. It draws from
+        the worker processes' random state, so views are not reproducible.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -227,6 +242,10 @@ def extract(
         raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}; got {engine!r}.")
+    if not (isinstance(views, int) and views >= 0):
+        raise ValueError(f"views must be a non-negative int; got {views!r}.")
+    if views and not callable(view_transform):
+        raise ValueError("views > 0 needs a view_transform (PIL image -> augmented PIL image).")
     path = Path(path)
     device = resolve_device(device)
     ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]
@@ -244,7 +263,7 @@ def extract(
         if num_workers is None:
             num_workers = max(0, min(4, (torch.get_num_threads() or 1) - 1))
         loader = DataLoader(
-            _Preprocessed(source, backbone.preprocess, start + done, stop),
+            _Preprocessed(source, backbone.preprocess, start + done, stop, views, view_transform),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -274,18 +293,25 @@ def extract(
                     warnings.warn(f"Skipped {where}: {message}", CorruptImageWarning, stacklevel=2)
                     skipped.append(ids[index])
                 if batch is not None:
+                    batch = batch.flatten(0, 1) if views else batch  # views follow their image
                     batch = batch.to(device, non_blocking=True)
                     if autocast is not None:
                         with autocast:
                             features = embed(batch)
                     else:
                         features = embed(batch)
+                    features = features.float().cpu().numpy()
+                    extra = None
+                    if views:
+                        features = features.reshape(len(rows), views + 1, -1)
+                        features, extra = features[:, 0], features[:, 1:]
                     # items_done moves with n_rows: both are flushed by the same append.
                     writer.append(
                         split,
-                        features.float().cpu().numpy(),
+                        features,
                         labels,
                         ids=[ids[r] for r in rows],
+                        views=extra,
                         progress={"items_done": end - start, "skipped": skipped},
                     )
                 else:

@@ -133,8 +133,9 @@ class FeatureFile:
             raise self._error(f"has '/{split}/labels' of shape {labels.shape}; expected 1-D")
         n_rows = self.n_rows(split)
         lengths = {"features": features.shape[0], "labels": labels.shape[0]}
-        if "ids" in group:
-            lengths["ids"] = group["ids"].shape[0]
+        for name in ("ids", "views"):
+            if name in group:
+                lengths[name] = group[name].shape[0]
         short = {k: v for k, v in lengths.items() if v < n_rows}
         if short:
             raise self._error(
@@ -208,6 +209,17 @@ class FeatureFile:
             return None
         values = self._read(split, "ids", self._rows(split, start, stop))
         return np.array([_decode(v) for v in values], dtype=object)
+
+    def views(self, split="train", *, start=None, stop=None, dtype=np.float32):
+        """Embeddings of the augmented views of rows ``start:stop``, or None when there are none.
+
+        Returns
+        -------
+        views : ndarray of shape (n_rows, n_views, n_features) or None
+        """
+        if "views" not in self._group(split):
+            return None
+        return self._read(split, "views", self._rows(split, start, stop), dtype)
 
     def iter_chunks(self, split="train", *, chunk_rows=_READ_CHUNK_ROWS, dtype=np.float32):
         """Yield ``(X, y)`` blocks of at most ``chunk_rows`` rows, in order.
@@ -429,7 +441,7 @@ class FeatureWriter:
             group.attrs[key] = value
         self._file.flush()
 
-    def append(self, split, features, labels, ids=None, *, progress=None):
+    def append(self, split, features, labels, ids=None, *, views=None, progress=None):
         """Append rows to ``split`` and mark them complete.
 
         Parameters
@@ -441,6 +453,9 @@ class FeatureWriter:
             Label indices into ``classes``.
         ids : sequence of str, optional
             One id per row; a split keeps ids for all its rows or none.
+        views : array-like of shape (n, n_views, n_features), optional
+            Embeddings of augmented views of each row, stored as
+            ``/<split>/views``; a split keeps views for all its rows or none.
         progress : dict, optional
             Split attributes recorded in the same step as the new row count
             (e.g. how many source items the rows account for), so that a
@@ -464,11 +479,26 @@ class FeatureWriter:
             raise ValueError(f"ids has {len(ids)} entries for {n} rows.")
         if not np.all(np.isfinite(features)):
             raise ValueError(f"features of split '{split}' contain NaN or infinite values.")
+        if views is not None:
+            views = np.asarray(views)
+            if views.ndim != 3 or views.shape[0] != n or views.shape[2] != features.shape[1]:
+                raise ValueError(
+                    f"views must have shape ({n}, n_views, {features.shape[1]}); got {views.shape}."
+                )
         group = self._file.require_group(split)
         start = int(group.attrs.get("n_rows", 0))
         datasets = self._datasets(group, features.shape[1], ids is not None)
+        if views is not None:
+            datasets["views"] = self._views_dataset(group, views.shape[1:])
+        elif "views" in group:
+            raise ValueError(f"Split '{split}' has views; pass views=.")
         stop = start + n
-        for name, values in (("features", features), ("labels", labels), ("ids", ids)):
+        for name, values in (
+            ("features", features),
+            ("labels", labels),
+            ("ids", ids),
+            ("views", views),
+        ):
             if name in datasets:
                 datasets[name].resize(stop, axis=0)
                 datasets[name][start:stop] = values
@@ -510,6 +540,26 @@ class FeatureWriter:
                 + ("has no ids; append without ids." if with_ids else "has ids; pass ids=.")
             )
         return {name: group[name] for name in ("features", "labels", "ids") if name in group}
+
+    def _views_dataset(self, group, shape):
+        if "views" not in group:
+            if int(group.attrs.get("n_rows", 0)):
+                raise ValueError(f"Split '{group.name.strip('/')}' has rows without views.")
+            opts = {"compression": self.compression, "shuffle": self.compression is not None}
+            group.create_dataset(
+                "views",
+                (0, *shape),
+                self.dtype,
+                maxshape=(None, *shape),
+                chunks=(max(1, self.chunk_rows // shape[0]), *shape),
+                **opts,
+            )
+        if group["views"].shape[1:] != tuple(shape):
+            raise ValueError(
+                f"Split '{group.name.strip('/')}' holds views of shape {group['views'].shape[1:]}; "
+                f"got {tuple(shape)}."
+            )
+        return group["views"]
 
     def close(self, *, commit=True):
         """Close the file; in ``mode="w"``, move it into place (or discard it)."""

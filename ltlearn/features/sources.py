@@ -193,7 +193,7 @@ class CIFARSource(Dataset):
 
     @classmethod
     def _download(cls, root, variant):
-        datasets = import_optional("torchvision.datasets", "extract")
+        datasets = import_optional("torchvision.datasets", "torchvision")
         make = datasets.CIFAR100 if variant == "cifar100" else datasets.CIFAR10
         try:
             make(str(root), download=True)
