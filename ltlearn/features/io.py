@@ -7,7 +7,9 @@ path                    shape, dtype                 meaning
 ``/<split>/features``   (n, d) float16 or float32    one embedding per row, chunked, compressed
 ``/<split>/labels``     (n,) int64                   index into ``/classes``
 ``/<split>/ids``        (n,) UTF-8 strings           optional: where each row came from
+``/<split>/views``      (n, k, d) like features      optional: embeddings of k augmented views
 ``/<split>`` attribute  ``n_rows``                   rows written and complete in that split
+``/<split>`` attribute  ``items_done``, ``skipped``  extraction progress and skipped image ids
 root attributes         strings                      provenance: ``backbone``, ``weights``, ...
 ======================  ===========================  ==========================================
 
