@@ -9,6 +9,7 @@ source into its own file, and :func:`merge` joins shard files into one file
 of HDF5 virtual data sets, without copying the features.
 """
 
+import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -272,7 +273,6 @@ def extract(
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=device.type == "cuda",
-            persistent_workers=False,
         )
         if isinstance(backbone.module, torch.nn.Module):
             backbone.module.to(device).eval()
@@ -280,7 +280,11 @@ def extract(
         if _use_onnxruntime(engine, device, backbone):
             onnx_path = path.with_name(path.name + ".onnx")
             embed = _OnnxRuntime(backbone, onnx_path, strict=engine == "onnxruntime")
-        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else None
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         progress = tqdm(
             total=stop - start,
             initial=done,
@@ -299,12 +303,8 @@ def extract(
                 if batch is not None:
                     batch = batch.flatten(0, 1) if views else batch  # views follow their image
                     batch = batch.to(device, non_blocking=True)
-                    if autocast is not None:
-                        with autocast:
-                            features = embed(batch)
-                    else:
-                        features = embed(batch)
-                    features = features.float().cpu().numpy()
+                    with autocast:
+                        features = embed(batch).float().cpu().numpy()
                     extra = None
                     if views:
                         features = features.reshape(len(rows), views + 1, -1)
