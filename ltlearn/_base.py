@@ -1,10 +1,11 @@
 """Base class of ltlearn's torch-backed classifiers.
 
 A subclass supplies its training loss (``_make_criterion``), its trainable
-module (``_make_module``, by default the head named by its ``head`` parameter)
-and, if it needs one, a shift of the predicted logits (``_logit_shift``);
-validation, the normaliser, the training loop, prediction and pickling live
-here.
+module (``_make_module``, by default the head named by its ``head`` parameter),
+its logits for the training prior (``_source_logits``, which label-shift
+adaptation reads) and, if it needs one, a shift of the predicted logits
+(``_logit_shift``); validation, the normaliser, the training loop, prediction,
+transductive adaptation and pickling live here.
 """
 
 import io
@@ -129,6 +130,73 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """An array added to the logits at predict time, or None."""
         return None
 
+    @abstractmethod
+    def _source_logits(self, X):
+        """Logits of validated ``X`` whose softmax is the posterior under ``class_prior_``."""
+
+    #: Attributes that :meth:`adapt` sets and :meth:`reset_adaptation` removes.
+    _adapted_attributes = ("test_prior_",)
+
+    def _adapted_prior_shift(self):
+        """``log(test_prior_ / class_prior_)`` after :meth:`adapt`, else None."""
+        prior = getattr(self, "test_prior_", None)
+        if prior is None:
+            return None
+        with np.errstate(divide="ignore"):  # an estimated zero rules its class out
+            return np.log(prior) - np.log(self.class_prior_)
+
+    def adapt(self, X, *, method="map", validation=None, **options):
+        """Infer the class prior of unlabeled rows and predict for it from now on.
+
+        A transductive step: estimates the class frequencies of ``X`` (the
+        unlabeled test features, or a sample of them) with
+        :func:`ltlearn.adaptation.estimate_test_prior`, stores them as
+        ``test_prior_``, and makes every prediction method shift the logits
+        to that prior, until the next ``adapt``, :meth:`reset_adaptation` or
+        ``fit``. Predictions never change with the batch passed to
+        ``predict``; only ``adapt`` changes them. The adapted prior takes
+        precedence over the ``test_prior`` parameter. ``clone`` gives an
+        unadapted copy; pickles keep the adapted state.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Unlabeled rows of the test distribution.
+        method : {"map", "em", "bbse", "rlls"}, default="map"
+            Label-shift estimator; see :mod:`ltlearn.adaptation`. ``"map"``
+            needs no labeled data and shrinks small samples toward "no shift".
+        validation : (X_val, y_val), default=None
+            Held-out labeled rows from the training distribution: needed by
+            ``"bbse"`` and ``"rlls"``, used by ``"em"`` and ``"map"`` to
+            recalibrate the posteriors first (BCTS).
+        **options
+            Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`
+            (``pseudo_counts``, ``regularization``, ``calibrate``, ...).
+
+        Returns
+        -------
+        self : object
+            The estimator, adapted.
+        """
+        from ltlearn.adaptation import estimate_test_prior
+
+        check_is_fitted(self)
+        prior = estimate_test_prior(self, X, method=method, validation=validation, **options)
+        self.reset_adaptation()
+        self.test_prior_ = prior
+        return self
+
+    def reset_adaptation(self):
+        """Forget what :meth:`adapt` learnt: predictions return to the unadapted model.
+
+        Returns
+        -------
+        self : object
+        """
+        for name in self._adapted_attributes:
+            self.__dict__.pop(name, None)
+        return self
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
@@ -154,6 +222,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             The fitted classifier.
         """
         device = resolve_device(self.device)
+        self.reset_adaptation()
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)

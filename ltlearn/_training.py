@@ -96,6 +96,7 @@ def fit_module(
     generator=None,
     verbose=False,
     desc="fit",
+    stop_when=None,
 ):
     """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
 
@@ -135,6 +136,10 @@ def fit_module(
         Show a progress bar over epochs with the running loss.
     desc : str
         Label of the progress bar.
+    stop_when : callable, optional
+        Called with the module after each epoch; training ends early when it
+        returns True (e.g. SADE's test-time aggregation, which stops once an
+        expert's weight falls below a threshold).
 
     Returns
     -------
@@ -187,6 +192,8 @@ def fit_module(
             )
         history.append(epoch_loss)
         epochs.set_postfix(loss=f"{epoch_loss:.4f}")
+        if stop_when is not None and stop_when(module):
+            break
     module.cpu().eval()
     criterion.cpu()
     return history

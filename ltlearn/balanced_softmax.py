@@ -183,11 +183,18 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         # The adjusted logits start at log(prior): the best constant model.
         return (1.0 - self.tau) * torch.log(class_prior)
 
+    def _source_logits(self, X):
+        # The loss fitted softmax(logits + adjustment) to the training labels.
+        return self._logits(X) + self.criterion_.adjustment.numpy()
+
     def _logit_shift(self):
-        if self.test_prior is None:
-            return None
         # The adjustment the model was trained with, whatever tau is set to now.
         trained = self.criterion_.adjustment.numpy().astype(np.float64)
+        adapted = self._adapted_prior_shift()
+        if adapted is not None:
+            return trained + adapted
+        if self.test_prior is None:
+            return None
         log_train = np.log(self.class_prior_)
         if isinstance(self.test_prior, str) and self.test_prior == "uniform":
             log_test = np.zeros_like(log_train)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LogitAdjustedLoss", "PRLLoss", "inverse_prior"]
+__all__ = ["DiverseExpertLoss", "LogitAdjustedLoss", "PRLLoss", "inverse_prior"]
 
 
 def weighted_mean(values, sample_weight):
@@ -81,21 +81,76 @@ def inverse_prior(class_prior):
     return inverse
 
 
-class PRLLoss(nn.Module):
-    """Three distribution-aware expert losses, combined by smooth Tchebycheff scalarisation.
+class DiverseExpertLoss(nn.Module):
+    """The three distribution-aware expert losses of SADE, summed.
 
-    Implements the training objective of Zhao et al., "Breaking Long-Tailed
-    Learning Bottlenecks: A Controllable Paradigm with Hypernetwork-Generated
-    Diverse Experts" (NeurIPS 2024). Expert ``i`` is trained with cross-entropy
-    on ``logits_i + adjustment_i``:
+    Zhang et al., "Self-Supervised Aggregation of Diverse Experts for
+    Test-Agnostic Long-Tailed Recognition" (NeurIPS 2022), section 4.1. Expert
+    ``i`` is trained with cross-entropy on ``logits_i + adjustment_i``:
 
     - forward expert: no adjustment (the long-tailed training prior);
     - uniform expert: ``log(prior)`` (Balanced Softmax);
     - backward expert: ``log(prior) - lam * log(inverse_prior(prior))``
-      (SADE's inverse softmax).
+      (the inverse softmax loss).
 
-    The expert losses ``L_i`` are combined as
-    ``sum_i L_i + mu * log(sum_i exp(L_i / mu))``, the smooth Tchebycheff
+    So the raw logits of the three experts model the training distribution, a
+    balanced one and an inversely long-tailed one.
+
+    Parameters
+    ----------
+    class_prior : torch.Tensor of shape (n_classes,)
+        Training class frequencies, positive, summing to one.
+    lam : float, default=2.0
+        Strength of the inverse prior in the backward expert.
+
+    Examples
+    --------
+    >>> import torch
+    >>> loss = DiverseExpertLoss(torch.tensor([0.5, 0.5]))
+    >>> # Zero logits and a balanced prior: every expert's loss is log 2.
+    >>> round(loss(torch.zeros(3, 1, 2), torch.tensor([0])).item(), 4)
+    2.0794
+    """
+
+    def __init__(self, class_prior, lam=2.0):
+        super().__init__()
+        log_prior = torch.log(class_prior)
+        self.register_buffer(
+            "adjustments",
+            torch.stack(
+                [
+                    torch.zeros_like(log_prior),
+                    log_prior,
+                    log_prior - lam * torch.log(inverse_prior(class_prior)),
+                ]
+            ),
+        )
+
+    def expert_losses(self, logits, target, sample_weight=None):
+        """Loss of each expert, a tensor of shape (3,).
+
+        ``logits`` has shape (3, n_samples, n_classes): one slice per expert.
+        """
+        adjusted = logits + self.adjustments[:, None, :]
+        losses = F.cross_entropy(
+            adjusted.flatten(0, 1), target.repeat(len(adjusted)), reduction="none"
+        ).view(len(adjusted), -1)
+        if sample_weight is None:
+            return losses.mean(dim=1)
+        return (losses * sample_weight).sum(dim=1) / sample_weight.sum().clamp_min(1e-12)
+
+    def forward(self, logits, target, sample_weight=None):
+        return self.expert_losses(logits, target, sample_weight).sum()
+
+
+class PRLLoss(DiverseExpertLoss):
+    """Three distribution-aware expert losses, combined by smooth Tchebycheff scalarisation.
+
+    Implements the training objective of Zhao et al., "Breaking Long-Tailed
+    Learning Bottlenecks: A Controllable Paradigm with Hypernetwork-Generated
+    Diverse Experts" (NeurIPS 2024). The expert losses ``L_i`` are those of
+    :class:`DiverseExpertLoss` (forward, uniform and backward experts), combined
+    as ``sum_i L_i + mu * log(sum_i exp(L_i / mu))``, the smooth Tchebycheff
     scalarisation of Lin et al., "Smooth Tchebycheff Scalarization for
     Multi-Objective Optimization" (ICML 2024): the second term pulls hardest on
     the worst expert, which keeps every expert trained.
@@ -119,32 +174,8 @@ class PRLLoss(nn.Module):
     """
 
     def __init__(self, class_prior, lam=2.0, mu=0.3):
-        super().__init__()
-        log_prior = torch.log(class_prior)
-        self.register_buffer(
-            "adjustments",
-            torch.stack(
-                [
-                    torch.zeros_like(log_prior),
-                    log_prior,
-                    log_prior - lam * torch.log(inverse_prior(class_prior)),
-                ]
-            ),
-        )
+        super().__init__(class_prior, lam=lam)
         self.mu = mu
-
-    def expert_losses(self, logits, target, sample_weight=None):
-        """Loss of each expert, a tensor of shape (3,).
-
-        ``logits`` has shape (3, n_samples, n_classes): one slice per expert.
-        """
-        adjusted = logits + self.adjustments[:, None, :]
-        losses = F.cross_entropy(
-            adjusted.flatten(0, 1), target.repeat(len(adjusted)), reduction="none"
-        ).view(len(adjusted), -1)
-        if sample_weight is None:
-            return losses.mean(dim=1)
-        return (losses * sample_weight).sum(dim=1) / sample_weight.sum().clamp_min(1e-12)
 
     def forward(self, logits, target, sample_weight=None):
         losses = self.expert_losses(logits, target, sample_weight)

@@ -12,6 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.metrics import get_scorer
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from ltlearn.datasets import TEST_DISTRIBUTIONS, shifted_test_subsets
@@ -265,13 +266,17 @@ def evaluate_test_agnostic(
     imbalance_ratios=TEST_DISTRIBUTIONS,
     class_order=None,
     oracle_prior=False,
+    adapt=None,
+    n_unlabeled=None,
+    views=None,
     random_state=0,
 ):
     """Accuracy of a fitted classifier over SADE's 11 shifted test distributions.
 
     From a balanced test set, draws the forward long-tailed sets, the uniform
     set and the backward sets of :func:`ltlearn.datasets.shifted_test_subsets`
-    and scores the classifier on each.
+    and scores the classifier on each; with ``adapt``, a copy of the
+    classifier is first adapted to each test set's unlabeled features.
 
     Parameters
     ----------
@@ -290,8 +295,20 @@ def evaluate_test_agnostic(
         Give the estimator each test set's true class frequencies through its
         ``test_prior`` parameter (post-hoc logit adjustment with a known prior,
         the strongest one-line competitor of a test-agnostic method).
+    adapt : str or dict, default=None
+        Call ``adapt`` on a copy of the estimator (an ltlearn estimator, or a
+        pipeline ending in one) with each test set's features before scoring
+        it: a method name (``"map"``, ``"em"``, ``"aggregation"``, ...) or a
+        dict of ``adapt``'s keyword arguments, e.g. ``{"method": "bbse",
+        "validation": (X_val, y_val)}``. Transductive: the labels are never
+        shown to ``adapt``.
+    n_unlabeled : int, default=None
+        Rows of each test set given to ``adapt`` (drawn without replacement);
+        None gives all of them. Accuracy is always measured on the whole set.
+    views : array-like of shape (n_samples, n_views, n_features), default=None
+        Augmented views of the rows of ``X``, handed to ``adapt`` with their rows.
     random_state : int, RandomState instance or None, default=0
-        Decides the samples of each test set.
+        Decides the samples of each test set and of ``n_unlabeled``.
 
     Returns
     -------
@@ -307,14 +324,23 @@ def evaluate_test_agnostic(
     >>> table = evaluate_test_agnostic(clf, data.X_test, data.y_test, imbalance_ratios=[10])
     >>> list(table)
     ['forward_10', 'uniform', 'backward_10']
+    >>> adapted = evaluate_test_agnostic(clf, data.X_test, data.y_test, imbalance_ratios=[10],
+    ...                                  adapt="map")
+    >>> bool(adapted["forward_10"] >= table["forward_10"])
+    True
     """
     y = np.asarray(y)
     final = _final_estimator(estimator)
     _label_positions(y, final.classes_, "y")
     order = _training_order(estimator) if class_order is None else class_order
+    rng = check_random_state(random_state)
     subsets = shifted_test_subsets(
-        y, imbalance_ratios=imbalance_ratios, class_order=order, random_state=random_state
+        y, imbalance_ratios=imbalance_ratios, class_order=order, random_state=rng
     )
+    if adapt is not None:
+        if oracle_prior:
+            raise ValueError("Pass oracle_prior=True or adapt=..., not both.")
+        return _evaluate_adapted(estimator, X, y, subsets, adapt, n_unlabeled, views, rng)
     if not oracle_prior:
         y_pred = estimator.predict(X)
         return {name: float(np.mean(y_pred[idx] == y[idx])) for name, idx in subsets.items()}
@@ -332,6 +358,39 @@ def evaluate_test_agnostic(
         if hasattr(estimator, "steps"):
             model = copy.copy(estimator)
             model.steps = [*estimator.steps[:-1], (estimator.steps[-1][0], shifted)]
+        result[name] = float(np.mean(model.predict(X[idx]) == y[idx]))
+    return result
+
+
+def _evaluate_adapted(estimator, X, y, subsets, adapt, n_unlabeled, views, rng):
+    options = {"method": adapt} if isinstance(adapt, str) else dict(adapt)
+    final = _final_estimator(estimator)
+    if not hasattr(final, "adapt"):
+        raise ValueError(
+            f"adapt= needs an estimator with an adapt method (an ltlearn classifier); "
+            f"{type(final).__name__} has none."
+        )
+    if n_unlabeled is not None and not (isinstance(n_unlabeled, Integral) and n_unlabeled >= 1):
+        raise ValueError(f"n_unlabeled must be a positive int or None; got {n_unlabeled!r}.")
+    if hasattr(estimator, "steps"):
+        X = estimator[:-1].transform(X)
+    X = np.asarray(X)
+    if views is not None:
+        views = np.asarray(views)
+        if views.ndim != 3 or len(views) != len(X):
+            raise ValueError(
+                f"views must have shape ({len(X)}, n_views, n_features); got {views.shape}."
+            )
+    result = {}
+    for name, idx in subsets.items():
+        rows = idx
+        if n_unlabeled is not None and n_unlabeled < len(idx):
+            rows = np.sort(rng.choice(idx, n_unlabeled, replace=False))
+        model = copy.copy(final)
+        if views is not None:
+            model.adapt(X[rows], views=views[rows], **options)
+        else:
+            model.adapt(X[rows], **options)
         result[name] = float(np.mean(model.predict(X[idx]) == y[idx]))
     return result
 

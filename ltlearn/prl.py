@@ -17,6 +17,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
@@ -361,6 +362,11 @@ class PRLClassifier(TorchHeadClassifier):
     def _prediction_module(self, trained):
         return trained.network
 
+    def _source_logits(self, X):
+        # The uniform corner was fitted with softmax(logits + log(prior)) to the labels.
+        r_hat = self._r_hats(["uniform"])
+        return self._logits(X, r_hat)[0] + np.log(self.class_prior_).astype(np.float32)
+
     def fit(self, X, y, sample_weight=None):
         """Fit the hypernetwork and its experts on features ``X`` and labels ``y``.
 
@@ -420,7 +426,8 @@ class PRLClassifier(TorchHeadClassifier):
 
     def _scores(self, X, preference=None):
         check_is_fitted(self)
-        preference = self.preference if preference is None else preference
+        if preference is None:
+            preference = getattr(self, "preference_", self.preference)
         r_hat = self._r_hats([preference])
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         return self._logits(X, r_hat)[0]
@@ -469,6 +476,104 @@ class PRLClassifier(TorchHeadClassifier):
             r_hat = np.array([0.0, 1.0 - s, s])
         alpha = r_hat / self.r_
         return alpha / alpha.sum()
+
+    def preference_for_prior(self, prior):
+        """The preference whose generated head suits a test set with class frequencies ``prior``.
+
+        Generalises :meth:`preference_for_imbalance` to any class prior. The
+        head at ``r_hat`` shifts the logits by ``r_hat @ S`` (see
+        :class:`PRLNetwork`), whose forward and backward rows are the
+        Bayes-optimal offsets ``log(prior_train)`` and ``lam *
+        log(inverse_prior)`` from a balanced model. The centred log of
+        ``prior`` is projected onto that span: ``r_hat = (t_f, 1 - t_f - t_b,
+        t_b)`` with ``t_f, t_b >= 0``, ``t_f + t_b <= 1`` minimising ``||t_f S_f
+        + t_b S_b - log(prior)||`` (both sides centred), and the returned
+        preference is the ``alpha`` that ``r_`` maps to that ``r_hat``.
+
+        Parameters
+        ----------
+        prior : array-like of shape (n_classes,)
+            Class frequencies of the test set, in ``classes_`` order (they need
+            not sum to one; zeros are treated as very rare classes).
+
+        Returns
+        -------
+        preference : ndarray of shape (3,)
+            Weights over (forward, uniform, backward), summing to one.
+
+        Examples
+        --------
+        >>> from ltlearn import PRLClassifier
+        >>> from ltlearn.datasets import load_long_tailed_digits
+        >>> data = load_long_tailed_digits(random_state=0)
+        >>> clf = PRLClassifier(random_state=0).fit(data.X_train, data.y_train)
+        >>> forward = clf.preference_for_prior(clf.class_prior_)  # the training prior
+        >>> bool(forward[0] > 0.9)
+        True
+        """
+        check_is_fitted(self)
+        n_classes = len(self.classes_)
+        prior = np.asarray(prior, dtype=np.float64)
+        if prior.shape != (n_classes,) or not np.all(np.isfinite(prior)) or np.any(prior < 0):
+            raise ValueError(
+                f"prior must hold {n_classes} finite, non-negative frequencies; got {prior!r}."
+            )
+        if prior.sum() <= 0:
+            raise ValueError("prior must have a positive sum.")
+        prior = np.maximum(prior / prior.sum(), 1e-12)
+        target = np.log(prior) - np.log(prior).mean()
+        basis = self.module_.head.shift_basis.numpy().astype(np.float64)[[0, 2]]
+
+        def objective(t):
+            residual = t @ basis - target
+            return residual @ residual, 2 * basis @ residual
+
+        result = minimize(
+            objective,
+            np.zeros(2),
+            jac=True,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * 2,
+            constraints=[
+                {"type": "ineq", "fun": lambda t: 1.0 - t.sum(), "jac": lambda t: -np.ones(2)}
+            ],
+        )
+        t_f, t_b = np.clip(result.x, 0.0, 1.0)
+        r_hat = np.array([t_f, max(1.0 - t_f - t_b, 0.0), t_b])
+        alpha = r_hat / self.r_
+        return alpha / alpha.sum()
+
+    _adapted_attributes = ("test_prior_", "preference_")
+
+    def adapt(self, X, *, method="map", validation=None, **options):
+        """Infer the class prior of unlabeled rows and steer predictions to it.
+
+        Estimates ``test_prior_`` as :meth:`BalancedSoftmaxClassifier.adapt
+        <ltlearn.BalancedSoftmaxClassifier.adapt>` does (from the uniform
+        corner's logits), maps it to ``preference_`` with
+        :meth:`preference_for_prior`, and predicts with that preference from
+        now on, in place of the ``preference`` parameter, until the next
+        ``adapt``, :meth:`reset_adaptation` or ``fit``. A ``preference=``
+        argument to a prediction method still wins for that call.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Unlabeled rows of the test distribution.
+        method : {"map", "em", "bbse", "rlls"}, default="map"
+            Label-shift estimator; see :mod:`ltlearn.adaptation`.
+        validation : (X_val, y_val), default=None
+            Held-out labeled rows from the training distribution.
+        **options
+            Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`.
+
+        Returns
+        -------
+        self : object
+        """
+        super().adapt(X, method=method, validation=validation, **options)
+        self.preference_ = self.preference_for_prior(self.test_prior_)
+        return self
 
     # -- prediction -------------------------------------------------------------
 

@@ -2,11 +2,12 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
+from ltlearn import BalancedSoftmaxClassifier, PRLClassifier, SADEClassifier
 
 ESTIMATORS = [
     BalancedSoftmaxClassifier(max_epochs=5, device="cpu", random_state=0),
     PRLClassifier(max_epochs=5, device="cpu", random_state=0),
+    SADEClassifier(max_epochs=5, device="cpu", random_state=0),
 ]
 
 MINI_BATCH = {
@@ -15,7 +16,11 @@ MINI_BATCH = {
         "twin, so weights and repetitions give close but not identical models."
     ),
 }
-EXPECTED_FAILED_CHECKS = {"BalancedSoftmaxClassifier": MINI_BATCH, "PRLClassifier": MINI_BATCH}
+EXPECTED_FAILED_CHECKS = {
+    "BalancedSoftmaxClassifier": MINI_BATCH,
+    "PRLClassifier": MINI_BATCH,
+    "SADEClassifier": MINI_BATCH,
+}
 
 
 @parametrize_with_checks(
