@@ -363,17 +363,33 @@ def test_efficientnet_lite0_reproduces_the_shared_features(tmp_path):
     assert os.path.getsize(out) > 0 and len(set(y)) == 10
 
 
+def test_extract_leaves_the_callers_module_as_it_was(folder, tmp_path):
+    backbone = tiny_backbone()
+    backbone.module.train()
+    extract(ImageFolderSource(folder), backbone, tmp_path / "f.h5", num_workers=0, verbose=False)
+    # Same device and mode as before: on a GPU machine the module went to CUDA and came back.
+    assert backbone.module.training
+    assert next(backbone.module.parameters()).device.type == "cpu"
+
+
 def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path):
     pytest.importorskip("onnxruntime")
     source = ImageFolderSource(folder)
     torch_path = extract(
-        source, tiny_backbone(), tmp_path / "t.h5", engine="torch", num_workers=0, verbose=False
+        source,
+        tiny_backbone(),
+        tmp_path / "t.h5",
+        engine="torch",
+        device="cpu",
+        num_workers=0,
+        verbose=False,
     )
     ort_path = extract(
         source,
         tiny_backbone(),
         tmp_path / "o.h5",
         engine="onnxruntime",
+        device="cpu",
         num_workers=0,
         verbose=False,
     )
@@ -384,7 +400,15 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path
     other = from_module(
         torch.nn.Sequential(torch.nn.Conv2d(3, 24, 16), torch.nn.Flatten()), input_size=16
     )
-    extract(source, other, tmp_path / "x.h5", engine="onnxruntime", num_workers=0, verbose=False)
+    extract(
+        source,
+        other,
+        tmp_path / "x.h5",
+        engine="onnxruntime",
+        device="cpu",
+        num_workers=0,
+        verbose=False,
+    )
     stale = (tmp_path / "x.h5.onnx").read_bytes()
     (tmp_path / "x.h5.onnx").replace(export)
     again = extract(
@@ -393,6 +417,7 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path
         tmp_path / "o.h5",
         overwrite=True,
         engine="onnxruntime",
+        device="cpu",
         num_workers=0,
         verbose=False,
     )

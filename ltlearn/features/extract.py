@@ -259,7 +259,10 @@ def extract(
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
     mode = "w" if overwrite else "a"
-    with FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer:
+    with (
+        FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer,
+        contextlib.ExitStack() as stack,
+    ):
         recorded = writer.progress(split)
         done = int(recorded.get("items_done", 0))
         skipped = [str(s) for s in recorded.get("skipped", [])]
@@ -275,7 +278,7 @@ def extract(
             pin_memory=device.type == "cuda",
         )
         if isinstance(backbone.module, torch.nn.Module):
-            backbone.module.to(device).eval()
+            stack.enter_context(_moved_to(backbone.module, device))
         embed = backbone.embed
         if _use_onnxruntime(engine, device, backbone):
             onnx_path = path.with_name(path.name + ".onnx")
@@ -323,6 +326,21 @@ def extract(
                 progress.update(end - start - done)
                 done = end - start
     return path
+
+
+@contextlib.contextmanager
+def _moved_to(module, device):
+    """Run ``module`` on ``device`` in eval mode, then put it back as the caller had it."""
+    first = next(iter([*module.parameters(), *module.buffers()]), None)
+    home = None if first is None else first.device
+    training = module.training
+    module.to(device).eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
+        if home is not None:
+            module.to(home)
 
 
 def _use_onnxruntime(engine, device, backbone):
