@@ -12,6 +12,9 @@ def test_quickstart_runs(capsys):
     accuracy = float(out.split("balanced test accuracy: ")[1].split()[0])
     assert accuracy > 0.85
     assert "best parameters" in out
+    uniform = float(out.split("uniform prior assumed: ")[1].split()[0])
+    adapted = float(out.split("prior inferred by adapt: ")[1].split()[0])
+    assert adapted > uniform
 
 
 @pytest.mark.slow
