@@ -2,19 +2,34 @@
 
 Estimators follow the scikit-learn API and train small torch heads on cached
 embeddings, on a GPU when there is one and on the CPU otherwise.
+
+The estimators are imported on first use (``from ltlearn import
+BalancedSoftmaxClassifier`` loads torch and scikit-learn then), so that
+``import ltlearn``, ``ltlearn --version`` and the feature-file readers start
+without paying for torch.
 """
 
-from ltlearn.balanced_softmax import BalancedSoftmaxClassifier
-from ltlearn.calibration import LongTailTemperatureScaler
-from ltlearn.prl import PRLClassifier
-from ltlearn.sade import SADEClassifier
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BalancedSoftmaxClassifier",
-    "LongTailTemperatureScaler",
-    "PRLClassifier",
-    "SADEClassifier",
-    "__version__",
-]
+_ESTIMATORS = {
+    "BalancedSoftmaxClassifier": "ltlearn.balanced_softmax",
+    "LongTailTemperatureScaler": "ltlearn.calibration",
+    "PRLClassifier": "ltlearn.prl",
+    "SADEClassifier": "ltlearn.sade",
+}
+
+__all__ = [*_ESTIMATORS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _ESTIMATORS:
+        value = getattr(importlib.import_module(_ESTIMATORS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ltlearn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_ESTIMATORS])

@@ -23,7 +23,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from ltlearn._training import LR_SCHEDULES, OPTIMIZERS, fit_module, resolve_device, torch_generator
+from ltlearn._optimizers import OPTIMIZERS
+from ltlearn._training import LR_SCHEDULES, fit_module, resolve_device, torch_generator
 from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ltlearn._optimizers import ForeachOptimizer
 from ltlearn.exceptions import DeviceError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 
@@ -49,22 +49,18 @@ def torch_generator(random_state):
     return torch.Generator().manual_seed(int(random_state.randint(np.iinfo(np.int32).max)))
 
 
-def _make_optimizer(name, module, lr, weight_decay):
+def _make_optimizer(name, module, weight_decay):
     # Weight decay on matrices only: decaying biases or a cosine scale only hurts.
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}]
-    groups = [g for g in groups if g["params"]]
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, fused=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return ForeachOptimizer(name, [g for g in groups if g["params"]])
 
 
-def _make_schedule(name, optimizer, total_steps):
+def _make_schedule(name, total_steps):
+    """The learning-rate factor of each step, as a function of the step number."""
     if name == "constant":
-        return None
+        return lambda step: 1.0
     # "onecycle": the first 10 % of steps ramp up from lr / 25, as torch's
     # OneCycleLR does; both schedules then follow a cosine down to zero.
     warmup = int(0.1 * total_steps) if name == "onecycle" else 0
@@ -75,7 +71,7 @@ def _make_schedule(name, optimizer, total_steps):
         progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 def fit_module(
@@ -155,8 +151,8 @@ def fit_module(
     n_samples = X.shape[0]
     batch_size = min(batch_size, n_samples)
     steps_per_epoch = math.ceil(n_samples / batch_size)
-    opt = _make_optimizer(optimizer, module, lr, weight_decay)
-    schedule = _make_schedule(lr_schedule, opt, steps_per_epoch * max_epochs)
+    opt = _make_optimizer(optimizer, module, weight_decay)
+    schedule = _make_schedule(lr_schedule, steps_per_epoch * max_epochs)
     if balanced_sampling:
         class_sizes = torch.bincount(y).to(torch.float32)
         draw_weights = (1.0 / class_sizes[y]).cpu()
@@ -178,11 +174,9 @@ def fit_module(
             # index_select: several times faster than X[idx] for row gathers on CPU.
             w = None if sample_weight is None else sample_weight.index_select(0, idx)
             loss = criterion(module(X.index_select(0, idx)), y.index_select(0, idx), w)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.step()
+            opt.step(lr * schedule(opt.steps))
             total += loss.detach()
         epoch_loss = total.item() / steps_per_epoch
         if not math.isfinite(epoch_loss):

@@ -1,9 +1,13 @@
+import copy
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from ltlearn._optimizers import ForeachOptimizer
 from ltlearn._training import fit_module, resolve_device
 from ltlearn.exceptions import DeviceError
 from ltlearn.heads import (
@@ -117,3 +121,60 @@ def test_normalized_head_equals_normaliser_then_head(normalize, kind):
         np.testing.assert_allclose(
             module(X).numpy(), head(module.normalizer(X)).numpy(), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_foreach_optimizer_matches_torch_optim(kind):
+    """Same updates as torch.optim over 200 steps, decayed and undecayed groups, varying lr."""
+    torch.manual_seed(0)
+    X, y = torch.randn(256, 6), torch.randint(0, 4, (256,))
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    theirs = copy.deepcopy(ours)
+
+    # A parameter that the loss never uses gets no gradient: both leave it alone.
+    ours.register_parameter("unused", torch.nn.Parameter(torch.ones(2, 2)))
+    theirs.register_parameter("unused", torch.nn.Parameter(torch.ones(2, 2)))
+
+    def groups(module):
+        matrices = [p for p in module.parameters() if p.ndim == 2]
+        vectors = [p for p in module.parameters() if p.ndim == 1]
+        return [{"params": matrices, "weight_decay": 0.05}, {"params": vectors, "weight_decay": 0}]
+
+    optimizer = ForeachOptimizer(kind, groups(ours))
+    reference = {
+        "adam": lambda g: torch.optim.Adam(g, lr=1.0),
+        "adamw": lambda g: torch.optim.AdamW(g, lr=1.0),
+        "sgd": lambda g: torch.optim.SGD(g, lr=1.0, momentum=0.9, nesterov=True),
+    }[kind](groups(theirs))
+    for step in range(200):
+        lr = 0.02 * (1 + math.cos(math.pi * step / 200)) / 2 + 1e-4
+        rows = torch.arange(step % 4 * 64, step % 4 * 64 + 64)
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
+        optimizer.step(lr)
+        for group in reference.param_groups:
+            group["lr"] = lr
+        reference.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours.unused, torch.ones(2, 2))
+
+
+def test_foreach_optimizer_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ForeachOptimizer("lbfgs", [])
+
+
+def test_first_fit_in_a_fresh_process_does_not_import_dynamo():
+    """torch.optim imports torch._dynamo (1 to 2 s); the training loop must not need it."""
+    code = (
+        "import sys, numpy as np\n"
+        "from ltlearn import BalancedSoftmaxClassifier\n"
+        "BalancedSoftmaxClassifier(max_epochs=2, device='cpu').fit(np.eye(6), [0, 1, 2] * 2)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
