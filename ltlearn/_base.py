@@ -34,7 +34,18 @@ _PREDICT_CHUNK = 65536
 
 
 def _float_tensor(X):
-    """A float32 CPU tensor over ``X``, sharing memory where the dtype allows."""
+    """A float32 CPU tensor over ``X``, sharing memory where the dtype allows.
+
+    float64 values beyond float32's range would become infinite: a ValueError.
+    """
+    if X.dtype == np.float64 and X.size:
+        peak, limit = float(np.max(np.abs(X))), float(np.finfo(np.float32).max)
+        if peak > limit:
+            raise ValueError(
+                f"X holds values beyond the float32 range (largest magnitude {peak:.3g} > "
+                f"{limit:.3g}); ltlearn trains and predicts in float32. "
+                "Rescale the features, e.g. divide them by their largest magnitude."
+            )
     X = np.ascontiguousarray(X, dtype=np.float32)
     with warnings.catch_warnings():
         # Read-only inputs (memory maps) are only read here, never written.
@@ -131,6 +142,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """An array added to the logits at predict time, or None."""
         return None
 
+    def _check_prediction_params(self):
+        """Validate parameters read at predict time; ``fit`` calls it before training."""
+
     @abstractmethod
     def _source_logits(self, X):
         """Logits of validated ``X`` whose softmax is the posterior under ``class_prior_``."""
@@ -146,7 +160,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         with np.errstate(divide="ignore"):  # an estimated zero rules its class out
             return np.log(prior) - np.log(self.class_prior_)
 
-    def adapt(self, X, *, method="map", validation=None, **options):
+    def adapt(self, X, *, method="map", validation=None, views=None, **options):
         """Infer the class prior of unlabeled rows and predict for it from now on.
 
         A transductive step: estimates the class frequencies of ``X`` (the
@@ -170,6 +184,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             Held-out labeled rows from the training distribution: needed by
             ``"bbse"`` and ``"rlls"``, used by ``"em"`` and ``"map"`` to
             recalibrate the posteriors first (BCTS).
+        views : None
+            Augmented views are used by :class:`~ltlearn.SADEClassifier`'s
+            aggregation only; label-shift estimation reads ``X``.
         **options
             Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`
             (``pseudo_counts``, ``regularization``, ``calibrate``, ...).
@@ -181,6 +198,11 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         from ltlearn.adaptation import estimate_test_prior
 
+        if views is not None:
+            raise ValueError(
+                f"{type(self).__name__}.adapt estimates the test prior from X alone; views are "
+                "used by SADEClassifier's test-time aggregation."
+            )
         check_is_fitted(self)
         prior = estimate_test_prior(self, X, method=method, validation=validation, **options)
         self.reset_adaptation()
@@ -233,6 +255,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__} needs samples of at least 2 classes; "
                 f"y holds 1 class ({self.classes_.tolist()[0]!r})."
             )
+        # A bad test_prior or preference fails now, not after training.
+        self._check_prediction_params()
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float32, ensure_non_negative=True
         )
@@ -293,7 +317,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 self.module_(X_t[i : i + _PREDICT_CHUNK], *args)
                 for i in range(0, len(X_t), _PREDICT_CHUNK)
             ]
-        return torch.cat(parts, dim=-2).numpy()
+        logits = torch.cat(parts, dim=-2).numpy()
+        if not np.all(np.isfinite(logits)):
+            # Only unnormalised features of extreme magnitude get here (normalize=None).
+            bad = np.flatnonzero(~np.isfinite(logits).reshape(-1, logits.shape[-1]).all(axis=1))
+            raise ValueError(
+                f"The logits of {bad.size} row(s) overflowed float32 (e.g. rows "
+                f"{bad[:5].tolist()}): their features are too large for a model fitted with "
+                f"normalize={self.normalize!r}. Rescale X, or fit with normalize='l2'."
+            )
+        return logits
 
     def _scores(self, X):
         check_is_fitted(self)

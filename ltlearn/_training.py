@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ltlearn._optimizers import ForeachOptimizer
-from ltlearn.exceptions import DeviceError
+from ltlearn.exceptions import DeviceError, TrainingDivergedError
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -180,7 +180,7 @@ def fit_module(
             total += loss.detach()
         epoch_loss = total.item() / steps_per_epoch
         if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"Training diverged: the loss became {epoch_loss} in epoch {len(history) + 1}. "
                 "Lower lr, or normalise the features (normalize='l2' or 'standard')."
             )

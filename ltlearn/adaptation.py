@@ -19,9 +19,10 @@ transductive: it learns from the rows it is given.
   calibration is :class:`ltlearn.LongTailTemperatureScaler`.
 - ``"map"`` (the default): the same EM with a Dirichlet prior on ``q``
   centred on the uniform distribution, ``pseudo_counts`` per class: the
-  maximum a posteriori estimate. It moves away from "no shift" only as far as
-  the sample supports, so 100 unlabeled rows no longer cost accuracy on a
-  balanced test set, and the pull fades as rows accumulate.
+  maximum a posteriori estimate. It moves away from a balanced test set (what
+  an unadapted Balanced Softmax or uniform-preference PRL model predicts for)
+  only as far as the sample supports, so 100 unlabeled rows no longer cost
+  accuracy on a balanced test set, and the pull fades as rows accumulate.
 - ``"bbse"``: black-box shift estimation, Lipton, Wang & Smola, "Detecting
   and Correcting for Label Shift with Black Box Predictors" (ICML 2018):
   solve ``C w = mu`` for the importance weights ``w = q / p``, with ``C`` the
@@ -35,12 +36,14 @@ transductive: it learns from the rows it is given.
 """
 
 import math
-from numbers import Real
+import warnings
+from numbers import Integral, Real
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = [
@@ -137,6 +140,8 @@ def em_prior(proba, source_prior, *, pseudo_counts=0.0, max_iter=1000, tol=1e-6)
     if not np.all(np.isfinite(alpha)) or np.any(alpha < 0):
         raise ValueError(f"pseudo_counts must be finite and non-negative; got {pseudo_counts!r}.")
     # Start from the source prior: the fixed point "no shift" when the data say so.
+    if not (isinstance(max_iter, Integral) and max_iter >= 1):
+        raise ValueError(f"max_iter must be a positive int; got {max_iter!r}.")
     prior = source.copy()
     for _ in range(max_iter):
         weighted = proba * (prior / source)
@@ -148,7 +153,13 @@ def em_prior(proba, source_prior, *, pseudo_counts=0.0, max_iter=1000, tol=1e-6)
         converged = np.max(np.abs(updated - prior)) < tol
         prior = updated
         if converged:
-            break
+            return prior
+    warnings.warn(
+        f"EM did not converge in {max_iter} iterations (the prior still moved by more than "
+        f"tol={tol}); raise max_iter, or use pseudo_counts > 0.",
+        ConvergenceWarning,
+        stacklevel=2,
+    )
     return prior
 
 
@@ -158,9 +169,23 @@ def _confusion(y_val, pred_val, n_classes):
     pred_val = np.asarray(pred_val, dtype=np.intp)
     if len(y_val) == 0:
         raise ValueError("The validation set is empty; BBSE and RLLS need held-out labeled rows.")
+    if y_val.shape != pred_val.shape:
+        raise ValueError(
+            f"y_val and pred_val must have the same length; got {len(y_val)} and {len(pred_val)}."
+        )
+    _check_indices(y_val, n_classes, "y_val")
+    _check_indices(pred_val, n_classes, "pred_val")
     joint = np.zeros((n_classes, n_classes))
     np.add.at(joint, (pred_val, y_val), 1.0)
     return joint / len(y_val)
+
+
+def _check_indices(values, n_classes, name):
+    if values.size and (values.min() < 0 or values.max() >= n_classes):
+        raise ValueError(
+            f"{name} must hold class indices in 0..{n_classes - 1}; "
+            f"found {values.min()}..{values.max()}."
+        )
 
 
 def _check_confusion(joint, classes):
@@ -186,6 +211,7 @@ def _predicted_frequencies(pred_target, n_classes):
         raise ValueError(
             "The unlabeled set is empty: label-shift estimation needs at least one row."
         )
+    _check_indices(pred_target, n_classes, "pred_target")
     return np.bincount(pred_target, minlength=n_classes) / len(pred_target)
 
 
@@ -285,6 +311,8 @@ def rlls_prior(
     """
     if not (isinstance(regularization, Real) and regularization >= 0):
         raise ValueError(f"regularization must be a number >= 0; got {regularization!r}.")
+    if not (isinstance(delta, Real) and 0 < delta < 1):
+        raise ValueError(f"delta must be a confidence level in (0, 1); got {delta!r}.")
     joint = _confusion(y_val, pred_val, n_classes)
     mu = _predicted_frequencies(pred_target, n_classes)
     _check_confusion(joint, np.arange(n_classes))
@@ -396,6 +424,10 @@ def _check_validation(validation, classes):
     y_val = np.asarray(y_val)
     if len(y_val) == 0:
         raise ValueError("validation holds no rows; give held-out labeled rows or validation=None.")
+    if len(X_val) != len(y_val):
+        raise ValueError(
+            f"validation has {len(X_val)} feature rows but {len(y_val)} labels; they must match."
+        )
     unknown = np.setdiff1d(np.unique(y_val), classes)
     if unknown.size:
         raise ValueError(
@@ -476,6 +508,11 @@ def estimate_test_prior(
     view = _SourceLogits(estimator, source_prior)
     final = view._final
     check_is_fitted(final)
+    if source_prior is not None and hasattr(final, "_source_logits"):
+        raise ValueError(
+            f"{type(final).__name__} knows the class prior its logits assume (class_prior_); "
+            "source_prior is for other classifiers only."
+        )
     classes = view.classes_
     n_classes = len(classes)
     if len(X) == 0:
@@ -505,11 +542,18 @@ def estimate_test_prior(
     if validation is not None and calibrate:
         from ltlearn.calibration import LongTailTemperatureScaler
 
+        absent = np.setdiff1d(classes, np.unique(y_val))
+        if absent.size:
+            raise ValueError(
+                f"classes {absent.tolist()[:10]} have no validation rows: their calibration "
+                "biases would rule them out. Give validation rows of every class, or pass "
+                "calibrate=False."
+            )
         # BCTS, unweighted: the biases absorb the validation rows' class
         # frequencies, which become the prior the calibrated posteriors assume.
         scaler = LongTailTemperatureScaler(view, weighting="none", bias=True).fit(X_val, y_val)
         logits = scaler.decision_function(X)
-        source = _label_frequencies(y_val, classes) if source_prior is None else source
+        source = _label_frequencies(y_val, classes)
     else:
         logits = view.decision_function(X)
     proba = np.exp(log_softmax(logits, axis=1))

@@ -205,6 +205,12 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
                 log_test = np.log(self._check_test_prior(self.test_prior))
         return trained - log_train + log_test
 
+    def _check_prediction_params(self):
+        if self.test_prior is not None and not (
+            isinstance(self.test_prior, str) and self.test_prior in ("uniform", "train")
+        ):
+            self._check_test_prior(self.test_prior)
+
     def _check_test_prior(self, prior):
         n_classes = len(self.classes_)
         if isinstance(prior, str):

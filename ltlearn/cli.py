@@ -222,7 +222,8 @@ def build_parser():
     extract.add_argument(
         "--backbone",
         default="efficientnet-lite0",
-        help="efficientnet-lite0 (default), open_clip:<model>[:<tag>], or a TorchScript / "
+        help="efficientnet-lite0 (default), open_clip:<model>:<pretrained tag> (tag 'random' "
+        "for random weights), torchvision:<arch>:<weights file>, or a TorchScript / "
         "torch.export file",
     )
     extract.add_argument("--split", default="train", help="split name in the file (default: train)")

@@ -1,6 +1,12 @@
 """Exceptions and warnings raised by ltlearn."""
 
-__all__ = ["DeviceError", "DeviceWarning", "FeatureFileError", "LtlearnError"]
+__all__ = [
+    "DeviceError",
+    "DeviceWarning",
+    "FeatureFileError",
+    "LtlearnError",
+    "TrainingDivergedError",
+]
 
 
 class LtlearnError(Exception):
@@ -16,6 +22,14 @@ class FeatureFileError(LtlearnError, ValueError):
 
 class DeviceError(LtlearnError, ValueError):
     """A torch device was requested that this machine does not have."""
+
+
+class TrainingDivergedError(LtlearnError, FloatingPointError, ValueError):
+    """The training loss became NaN or infinite.
+
+    A ``ValueError`` too: it almost always comes from the data (features of
+    extreme magnitude left unnormalised) or a learning rate far too large.
+    """
 
 
 class DeviceWarning(UserWarning):

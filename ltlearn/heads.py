@@ -60,14 +60,32 @@ class L2Normalizer(nn.Module):
         super().__init__()
         self.scale = math.sqrt(n_features)
 
-    def factor(self, x):
-        """Per-row multiplier, shape (n_samples, 1)."""
-        return self.scale / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    def prepare(self, x):
+        """``(x, factor)``: the rows, extreme ones rescaled, and each row's multiplier.
+
+        Row norms are computed in float32, whose squares overflow beyond about
+        1e19 and underflow below 1e-19: a row of 1e20 or 1e-30 times a feature
+        vector would come out unnormalised. Rows whose norm falls outside
+        (1e-12, 1e18) are divided by their largest magnitude first (the
+        normalisation ignores a row's scale), which costs a copy only then.
+        """
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        extreme = ((norm < 1e-12) | (norm > 1e18)).squeeze(1)
+        if extreme.any():
+            rows = extreme.nonzero().squeeze(1)
+            part = x.index_select(0, rows)
+            peak = part.abs().amax(dim=1, keepdim=True)
+            part = part / torch.where(peak > 0, peak, torch.ones_like(peak))
+            x = x.index_copy(0, rows, part)
+            norm = norm.index_copy(0, rows, torch.linalg.vector_norm(part, dim=1, keepdim=True))
+        # All-zero rows stay zero.
+        return x, self.scale / norm.clamp_min(1e-12)
 
     def forward(self, x):
         # One multiply by a per-row factor: F.normalize(x) * scale would make two
         # full passes over x, which dominates prediction time on wide embeddings.
-        return x * self.factor(x)
+        x, factor = self.prepare(x)
+        return x * factor
 
 
 class Standardizer(nn.Module):
@@ -88,16 +106,18 @@ class Standardizer(nn.Module):
     def __init__(self, mean, std):
         super().__init__()
         # Constant features would divide by zero; like StandardScaler, leave them unscaled.
+        mean, std = mean.double(), std.double()
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        # Stored as x * inv_std + shift, a single fused pass (addcmul).
-        self.register_buffer("inv_std", 1.0 / std)
-        self.register_buffer("shift", -mean / std)
+        # Stored as x * inv_std + shift, a single fused pass (addcmul). Computed
+        # in float64: a mean or deviation near float32's limit would round to inf.
+        self.register_buffer("inv_std", (1.0 / std).float())
+        self.register_buffer("shift", (-mean / std).float())
 
     @classmethod
     def from_data(cls, X):
         """Fit mean and standard deviation on a 2-D float tensor."""
         X64 = X.double()
-        return cls(X64.mean(0).float(), X64.std(0, unbiased=False).float())
+        return cls(X64.mean(0), X64.std(0, unbiased=False))
 
     def forward(self, x):
         return torch.addcmul(self.shift, x, self.inv_std)
@@ -174,8 +194,9 @@ class NormalizedHead(nn.Module):
             # A row scale commutes with a linear map: scaling the (n, n_classes)
             # logits instead of the (n, n_features) input saves a full write of
             # x and doubles prediction throughput.
+            x, factor = self.normalizer.prepare(x)
             logits = F.linear(x, self.head.weight)
-            return torch.addcmul(self.head.bias, logits, self.normalizer.factor(x))
+            return torch.addcmul(self.head.bias, logits, factor)
         return self.head(self.normalizer(x), *args)
 
 

@@ -372,15 +372,23 @@ def _evaluate_adapted(estimator, X, y, subsets, adapt, n_unlabeled, views, rng):
         )
     if n_unlabeled is not None and not (isinstance(n_unlabeled, Integral) and n_unlabeled >= 1):
         raise ValueError(f"n_unlabeled must be a positive int or None; got {n_unlabeled!r}.")
-    if hasattr(estimator, "steps"):
-        X = estimator[:-1].transform(X)
-    X = np.asarray(X)
     if views is not None:
         views = np.asarray(views)
         if views.ndim != 3 or len(views) != len(X):
             raise ValueError(
                 f"views must have shape ({len(X)}, n_views, n_features); got {views.shape}."
             )
+    if hasattr(estimator, "steps"):
+        # The final step adapts on features as the pipeline hands them to it.
+        steps = estimator[:-1]
+        X = steps.transform(X)
+        if views is not None:
+            n, k = views.shape[:2]
+            views = np.asarray(steps.transform(views.reshape(n * k, -1))).reshape(n, k, -1)
+        if options.get("validation") is not None:
+            X_val, y_val = options["validation"]
+            options["validation"] = (steps.transform(X_val), y_val)
+    X = np.asarray(X)
     result = {}
     for name, idx in subsets.items():
         rows = idx

@@ -18,6 +18,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from scipy.special import logsumexp
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
@@ -419,7 +420,12 @@ class PRLClassifier(TorchHeadClassifier):
             raise ValueError(f"preference weights must not all be zero; got {preference!r}.")
         return alpha / alpha.sum()
 
+    def _check_prediction_params(self):
+        self._check_preference(self.preference)
+
     def _r_hats(self, preferences):
+        if len(preferences) == 0:
+            raise ValueError("preferences is empty; give at least one preference.")
         alphas = np.stack([self._check_preference(p) for p in preferences])
         weighted = alphas * self.r_
         return torch.as_tensor(weighted / weighted.sum(axis=1, keepdims=True), dtype=torch.float32)
@@ -484,10 +490,13 @@ class PRLClassifier(TorchHeadClassifier):
         head at ``r_hat`` shifts the logits by ``r_hat @ S`` (see
         :class:`PRLNetwork`), whose forward and backward rows are the
         Bayes-optimal offsets ``log(prior_train)`` and ``lam *
-        log(inverse_prior)`` from a balanced model. The centred log of
-        ``prior`` is projected onto that span: ``r_hat = (t_f, 1 - t_f - t_b,
-        t_b)`` with ``t_f, t_b >= 0``, ``t_f + t_b <= 1`` minimising ``||t_f S_f
-        + t_b S_b - log(prior)||`` (both sides centred), and the returned
+        log(inverse_prior)`` from a balanced model; so the points ``r_hat =
+        (t_f, 1 - t_f - t_b, t_b)`` (``t_f, t_b >= 0``, ``t_f + t_b <= 1``)
+        stand for the test priors ``softmax(t_f S_f + t_b S_b)``. The chosen
+        point is the one whose prior is closest to ``prior`` in Kullback-Leibler
+        divergence (the maximum-likelihood member of that family): classes the
+        test set rarely holds weigh little, and a class estimated at zero
+        (BBSE clips negative weights) does not dominate the fit. The returned
         preference is the ``alpha`` that ``r_`` maps to that ``r_hat``.
 
         Parameters
@@ -520,13 +529,14 @@ class PRLClassifier(TorchHeadClassifier):
             )
         if prior.sum() <= 0:
             raise ValueError("prior must have a positive sum.")
-        prior = np.maximum(prior / prior.sum(), 1e-12)
-        target = np.log(prior) - np.log(prior).mean()
+        prior = prior / prior.sum()
         basis = self.module_.head.shift_basis.numpy().astype(np.float64)[[0, 2]]
 
         def objective(t):
-            residual = t @ basis - target
-            return residual @ residual, 2 * basis @ residual
+            # Cross-entropy of softmax(t @ basis) under prior: KL up to a constant.
+            offsets = t @ basis
+            log_model = offsets - logsumexp(offsets)
+            return -prior @ log_model, -basis @ (prior - np.exp(log_model))
 
         result = minimize(
             objective,
@@ -545,7 +555,7 @@ class PRLClassifier(TorchHeadClassifier):
 
     _adapted_attributes = ("test_prior_", "preference_")
 
-    def adapt(self, X, *, method="map", validation=None, **options):
+    def adapt(self, X, *, method="map", validation=None, views=None, **options):
         """Infer the class prior of unlabeled rows and steer predictions to it.
 
         Estimates ``test_prior_`` as :meth:`BalancedSoftmaxClassifier.adapt
@@ -564,6 +574,8 @@ class PRLClassifier(TorchHeadClassifier):
             Label-shift estimator; see :mod:`ltlearn.adaptation`.
         validation : (X_val, y_val), default=None
             Held-out labeled rows from the training distribution.
+        views : None
+            Not used: the prior is estimated from ``X``.
         **options
             Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`.
 
@@ -571,7 +583,7 @@ class PRLClassifier(TorchHeadClassifier):
         -------
         self : object
         """
-        super().adapt(X, method=method, validation=validation, **options)
+        super().adapt(X, method=method, validation=validation, views=views, **options)
         self.preference_ = self.preference_for_prior(self.test_prior_)
         return self
 

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from ltlearn._base import TorchHeadClassifier
 from ltlearn._training import fit_module, torch_generator
+from ltlearn.adaptation import LABEL_SHIFT_METHODS
 from ltlearn.losses import DiverseExpertLoss, inverse_prior
 
 __all__ = ["ExpertHeads", "SADEClassifier"]
@@ -301,7 +302,12 @@ class SADEClassifier(TorchHeadClassifier):
             pool = (X[:, None, :] + noise).astype(np.float32)
         else:
             views = np.asarray(views, dtype=np.float32)
-            if views.ndim != 3 or views.shape[0] != len(X) or views.shape[2] != X.shape[1]:
+            if (
+                views.ndim != 3
+                or views.shape[0] != len(X)
+                or views.shape[1] < 1
+                or views.shape[2] != X.shape[1]
+            ):
                 raise ValueError(
                     f"views must have shape ({len(X)}, n_views, {X.shape[1]}): the augmented "
                     f"views of each row of X; got {views.shape}."
@@ -349,6 +355,11 @@ class SADEClassifier(TorchHeadClassifier):
         """
         if method == "auto":
             method = "map" if views is None else "aggregation"
+        if method not in ("aggregation", *LABEL_SHIFT_METHODS):
+            raise ValueError(
+                "method must be one of ['auto', 'aggregation', "
+                f"{', '.join(repr(m) for m in LABEL_SHIFT_METHODS)}]; got {method!r}."
+            )
         if method != "aggregation":
             if views is not None:
                 raise ValueError(f"views are used by method='aggregation' only, not {method!r}.")

@@ -9,10 +9,10 @@ import torch
 from scipy.special import softmax
 from scipy.stats import multivariate_normal
 from sklearn.base import clone
-from sklearn.exceptions import NotFittedError
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
 from ltlearn._training import fit_module
@@ -114,13 +114,37 @@ def test_map_trusts_a_sample_more_as_it_grows(bs, blobs):
     assert errors[0] > errors[1] > errors[2]
 
 
+SHIFTS = ([100, 300, 600, 1200], [400, 400, 400, 400], [1500, 100, 300, 100])
+
+
 @pytest.mark.parametrize("method", ["em", "map", "bbse", "rlls"])
 def test_methods_recover_a_shifted_prior(bs, blobs, method):
     validation = blobs.draw([250] * N_CLASSES)
-    for counts in (FORWARD, BACKWARD):
+    train = np.array(TRAIN_COUNTS) / sum(TRAIN_COUNTS)
+    for counts in SHIFTS:
+        truth = np.array(counts) / sum(counts)
+        assert tv(truth, train) > 0.15  # a real shift, which "no adaptation" would miss
         X, _ = blobs.draw(counts)
         estimate = estimate_test_prior(bs, X, method=method, validation=validation)
-        assert tv(estimate, np.array(counts) / sum(counts)) < 0.1, (method, estimate)
+        assert tv(estimate, truth) < 0.05, (method, counts, estimate)
+
+
+def test_calibration_needs_validation_rows_of_every_class(bs, blobs):
+    X, _ = blobs.draw(BACKWARD)
+    validation = blobs.draw([100, 30, 10, 0])
+    with pytest.raises(ValueError, match=r"classes \[3\] have no validation rows"):
+        estimate_test_prior(bs, X, method="em", validation=validation)
+    estimate = estimate_test_prior(bs, X, method="em", validation=validation, calibrate=False)
+    assert estimate[3] > 0.3
+    with pytest.raises(ValueError, match="3 feature rows but 2 labels"):
+        estimate_test_prior(bs, X, method="bbse", validation=(X[:3], [0, 1]))
+
+
+def test_em_warns_when_it_stops_before_converging(blobs):
+    X, _ = blobs.draw(FORWARD)
+    proba = blobs.posterior(X, np.full(N_CLASSES, 0.25))
+    with pytest.warns(ConvergenceWarning, match="did not converge in 2 iterations"):
+        em_prior(proba, np.full(N_CLASSES, 0.25), max_iter=2)
 
 
 def test_bbse_solves_the_confusion_system_by_hand():
@@ -170,6 +194,11 @@ def test_methods_needing_labels_say_so(bs, blobs):
         estimate_test_prior(bs, blobs.draw(FORWARD)[0], method="bbse")
     with pytest.raises(ValueError, match="method must be one of"):
         estimate_test_prior(bs, blobs.draw(FORWARD)[0], method="saerens")
+
+
+def test_ltlearn_estimators_refuse_a_source_prior(bs, blobs):
+    with pytest.raises(ValueError, match="source_prior is for other classifiers"):
+        estimate_test_prior(bs, blobs.draw(FORWARD)[0], source_prior=[0.25] * 4)
 
 
 def test_scikit_learn_classifiers_need_their_source_prior(train, blobs):
@@ -242,6 +271,8 @@ def test_adapt_rejects_bad_input(bs, blobs):
         clone(bs).adapt(np.ones((5, WIDTH)))
     with pytest.raises(TypeError, match="pseudo_count"):
         model.adapt(np.ones((5, WIDTH)), pseudo_count=3)
+    with pytest.raises(ValueError, match="views are used by SADEClassifier"):
+        model.adapt(np.ones((5, WIDTH)), views=np.ones((5, 2, WIDTH)))
 
 
 def test_prl_adapt_maps_the_prior_to_a_preference(prl, blobs):
@@ -290,6 +321,35 @@ def test_evaluate_test_agnostic_adapts_a_copy_to_each_test_set(bs, blobs):
     assert list(sampled) == list(table)
     with pytest.raises(ValueError, match="not both"):
         evaluate_test_agnostic(bs, X, y, adapt="map", oracle_prior=True)
+
+
+def test_evaluate_test_agnostic_adapts_pipelines_on_transformed_features(train, blobs):
+    """Validation rows reach the final step through the pipeline, like X does."""
+    X_train, y_train = train
+    pipe = make_pipeline(
+        FunctionTransformer(lambda Z: 5 * Z + 3),
+        BalancedSoftmaxClassifier(device="cpu", random_state=0),
+    ).fit(X_train, y_train)
+    X, y = blobs.draw([300] * N_CLASSES)
+    validation = blobs.draw([250] * N_CLASSES)
+    options = {"method": "bbse", "validation": validation}
+    table = evaluate_test_agnostic(pipe, X, y, imbalance_ratios=[10], adapt=options)
+    final, Z = pipe[-1], pipe[:-1].transform(X)
+    Z_val = pipe[:-1].transform(validation[0])
+    for name, idx in shifted_test_subsets(y, imbalance_ratios=[10], random_state=0).items():
+        model = copy.copy(final).adapt(Z[idx], method="bbse", validation=(Z_val, validation[1]))
+        assert table[name] == pytest.approx(np.mean(model.predict(Z[idx]) == y[idx]))
+
+
+def test_adapted_shift_for_a_partly_adjusted_loss(train, blobs):
+    """tau=0.5: predictions are the training-prior logits shifted by log(q / p)."""
+    model = BalancedSoftmaxClassifier(tau=0.5, device="cpu", random_state=0).fit(*train)
+    X, _ = blobs.draw(BACKWARD)
+    source = model.decision_function(X) + 0.5 * np.log(model.class_prior_)
+    model.adapt(X)
+    expected = source + np.log(model.test_prior_) - np.log(model.class_prior_)
+    shift = model.decision_function(X) - expected  # a constant per row: softmax ignores it
+    np.testing.assert_allclose(shift - shift[:, :1], 0, atol=1e-4)
 
 
 def test_fit_module_stops_when_asked():

@@ -290,7 +290,7 @@ def test_tuple_outputs_need_an_index():
 
 def test_tiny_open_clip_model(folder, tmp_path):
     open_clip = pytest.importorskip("open_clip")
-    from ltlearn.features.backbones import open_clip_backbone
+    from ltlearn.features.backbones import load_backbone, open_clip_backbone
 
     config = {
         "embed_dim": 8,
@@ -305,7 +305,12 @@ def test_tiny_open_clip_model(folder, tmp_path):
     }
     (tmp_path / "ltlearn-tiny.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "ltlearn-tiny.json")
-    backbone = open_clip_backbone("ltlearn-tiny")
+    with pytest.raises(ValueError, match="given no weights.*'open_clip:ltlearn-tiny:random'"):
+        open_clip_backbone("ltlearn-tiny")
+    with pytest.raises(ValueError, match="given no weights"):
+        load_backbone("open_clip:ltlearn-tiny")
+    backbone = load_backbone("open_clip:ltlearn-tiny:random")
+    assert backbone.weights == "random initialisation"
     out = extract(
         ImageFolderSource(folder), backbone, tmp_path / "clip.h5", num_workers=0, verbose=False
     )

@@ -118,6 +118,10 @@ def test_adapt_rejects_inconsistent_arguments(sade, draw):
         copy.copy(sade).adapt(X, views=views_of(X), method="em")
     with pytest.raises(ValueError, match="takes only X and views"):
         copy.copy(sade).adapt(X, method="aggregation", pseudo_counts=2.0)
+    with pytest.raises(ValueError, match=r"views must have shape"):
+        copy.copy(sade).adapt(X, views=np.ones((len(X), 0, 16)))
+    with pytest.raises(ValueError, match="'auto', 'aggregation', 'map'"):
+        copy.copy(sade).adapt(X, method="aggregate")
 
 
 def test_aggregation_state_survives_pickle_and_not_clone(sade, draw):

@@ -176,7 +176,10 @@ def open_clip_backbone(model_name, pretrained=None, *, checkpoint=None):
         An open_clip model name, e.g. ``"ViT-B-32"``.
     pretrained : str, default=None
         An open_clip pretrained tag (e.g. ``"laion2b_s34b_b79k"``), which needs
-        the model hub; None for random weights.
+        the model hub or its local cache; ``"random"`` for randomly initialised
+        weights, on purpose (tests, debugging). One of ``pretrained`` and
+        ``checkpoint`` is required: features of an untrained tower look like
+        features but are useless, so they are never the silent default.
     checkpoint : str or path-like, default=None
         A local checkpoint file, used instead of ``pretrained``.
 
@@ -184,15 +187,24 @@ def open_clip_backbone(model_name, pretrained=None, *, checkpoint=None):
     -------
     backbone : Backbone
     """
+    if checkpoint is None and pretrained is None:
+        raise ValueError(
+            f"open_clip model {model_name!r} was given no weights: pass a pretrained tag "
+            f"(e.g. 'open_clip:{model_name}:laion2b_s34b_b79k'), checkpoint= a local file, or "
+            f"pretrained='random' ('open_clip:{model_name}:random') to extract with randomly "
+            "initialised weights on purpose."
+        )
     open_clip = import_optional("open_clip", "clip")
     if checkpoint is not None:
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"open_clip checkpoint {str(checkpoint)!r} does not exist.")
         source, weights = str(checkpoint), f"checkpoint {os.path.basename(str(checkpoint))}"
+    elif pretrained == "random":
+        source, weights = None, "random initialisation"
     else:
-        source, weights = pretrained, pretrained or "random initialisation"
+        source, weights = pretrained, pretrained
     try:
-        if checkpoint is None and pretrained is not None:
+        if source is not None and checkpoint is None:
             model, preprocess = _open_clip_from_hub(open_clip, model_name, pretrained)
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -392,7 +404,8 @@ def from_module(
 def load_backbone(spec, **kwargs):
     """A backbone from a command-line style name.
 
-    ``"efficientnet-lite0"``; ``"open_clip:<model>[:<pretrained tag>]"``;
+    ``"efficientnet-lite0"``; ``"open_clip:<model>:<pretrained tag>"`` (the tag
+    ``random`` for random weights);
     ``"torchvision:<arch>:<weights file>"``; a path to a TorchScript
     (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``) file. ``kwargs`` go to
     the constructor.

@@ -119,6 +119,12 @@ class FeatureFile:
             if isinstance(group, h5py.Group) and "features" in group and "labels" in group
         ]
         if not self.splits:
+            if "ltlearn_version" in self.attrs:
+                raise self._error(
+                    "holds no rows yet: ltlearn created it, but its writer stopped before the "
+                    "first rows were complete (an interrupted or failed extract?). Run the same "
+                    "extract again to resume it, or delete the file"
+                )
             raise self._error(
                 "is an HDF5 file but not an ltlearn feature file: no group holds both "
                 "'features' and 'labels'"
@@ -197,7 +203,15 @@ class FeatureFile:
         """
         rows = self._rows(split, start, stop)
         X = self._read(split, "features", rows, dtype)
-        y = self._read(split, "labels", rows).astype(np.int64, copy=False)
+        y = self._read(split, "labels", rows)
+        if not np.issubdtype(y.dtype, np.integer):
+            whole = np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
+            if not whole:
+                raise self._error(
+                    f"has labels of type {y.dtype} in split '{split}' that are not whole "
+                    "numbers; labels must be class indices"
+                )
+        y = y.astype(np.int64, copy=False)
         if y.size and (y.min() < 0 or y.max() >= len(self.classes)):
             raise self._error(
                 f"has labels in split '{split}' outside 0..{len(self.classes) - 1} "
@@ -314,6 +328,24 @@ def read_metadata(path):
         return {"classes": f.classes, "splits": splits, "attrs": f.attrs}
 
 
+def _remove_stale_temporaries(target):
+    """Delete the temporary files of overwrites of ``target`` whose writer has died.
+
+    A writer killed before it could rename or discard its temporary file
+    leaves ``.<name>.<pid>.tmp`` behind; one of a process still running is kept.
+    """
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = stale.name[len(target.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 class FeatureWriter:
     """Write or extend a feature file block by block, resumably.
 
@@ -388,6 +420,7 @@ class FeatureWriter:
             )
         if mode == "w":
             self._target = self.path
+            _remove_stale_temporaries(self.path)
             self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         if mode == "a" and self.path.exists():
             self._file = _open_h5(self.path, "r+")
@@ -481,12 +514,16 @@ class FeatureWriter:
             raise ValueError(f"ids has {len(ids)} entries for {n} rows.")
         if not np.all(np.isfinite(features)):
             raise ValueError(f"features of split '{split}' contain NaN or infinite values.")
+        self._check_storable(split, "features", features)
         if views is not None:
             views = np.asarray(views)
             if views.ndim != 3 or views.shape[0] != n or views.shape[2] != features.shape[1]:
                 raise ValueError(
                     f"views must have shape ({n}, n_views, {features.shape[1]}); got {views.shape}."
                 )
+            if not np.all(np.isfinite(views)):
+                raise ValueError(f"views of split '{split}' contain NaN or infinite values.")
+            self._check_storable(split, "views", views)
         group = self._file.require_group(split)
         start = int(group.attrs.get("n_rows", 0))
         datasets = self._datasets(group, features.shape[1], ids is not None)
@@ -509,6 +546,19 @@ class FeatureWriter:
             group.attrs[key] = value
         group.attrs["n_rows"] = stop
         self._file.flush()
+
+    def _check_storable(self, split, name, values):
+        """Finite values that the storage type would turn into infinities are an error."""
+        limit = float(np.finfo(self.dtype).max)
+        too_big = np.abs(values.reshape(len(values), -1)).max(axis=1, initial=0) > limit
+        if np.any(too_big):
+            rows = np.flatnonzero(too_big)
+            raise ValueError(
+                f"{name} of split '{split}' hold values beyond the {self.dtype} range "
+                f"(|x| > {limit:g}) in {rows.size} row(s), e.g. rows {rows[:5].tolist()} of "
+                f"this block; stored as {self.dtype} they would become infinite. Write with "
+                "dtype='float32' to keep them, or rescale the features."
+            )
 
     def _datasets(self, group, n_features, with_ids):
         if "features" not in group:
