@@ -224,9 +224,10 @@ class Slow(torch.nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 3:  # two batches (4 rows) are in the file: tell the test to kill us
+        # Rows reach the file after a second's work: two batches (4 rows) are in it now.
+        if self.calls == 3:
             open(sys.argv[2] + ".ready", "w").close()
-        time.sleep(0.5)
+        time.sleep(0.6)
         return self.net(x)
 
 backbone = from_module(Slow(), input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, name="slow")
@@ -377,6 +378,37 @@ def test_extract_leaves_the_callers_module_as_it_was(folder, tmp_path):
     assert next(backbone.module.parameters()).device.type == "cpu"
 
 
+def test_mixed_image_sizes_and_two_exports_in_one_run(tmp_path):
+    """Batches of one image size are resized in the graph, mixed ones by PIL: two exports.
+
+    The exporter used to leave the backbone's batch norm in training mode, so the
+    second export's check against torch failed.
+    """
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            size = (24, 20) if (c, i) == ("bee", 1) else (20, 20)
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "img" / c / f"{i}.png")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.BatchNorm2d(4), torch.nn.Flatten()
+    ).eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    backbone = from_module(net, input_size=16, name="bn")
+    source = ImageFolderSource(tmp_path / "img")
+    options = dict(device="cpu", batch_size=2, num_workers=0, verbose=False)
+    fast = extract(source, backbone, tmp_path / "a.h5", engine="onnxruntime", **options)
+    assert (tmp_path / "a.h5.20x20.onnx").exists() and (tmp_path / "a.h5.onnx").exists()
+    slow = extract(source, backbone, tmp_path / "b.h5", engine="torch", **options)
+    np.testing.assert_allclose(read_features(fast)[0], read_features(slow)[0], atol=2e-3)
+    assert not net.training
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
 def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path):
     pytest.importorskip("onnxruntime")
     source = ImageFolderSource(folder)
@@ -398,7 +430,8 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path
         num_workers=0,
         verbose=False,
     )
-    export = tmp_path / "o.h5.onnx"
+    # Images of one size are resized in the graph: the export is cached per input size.
+    export = tmp_path / "o.h5.20x20.onnx"
     assert export.exists()
     np.testing.assert_allclose(read_features(ort_path)[0], read_features(torch_path)[0], atol=1e-3)
     # A stale export (another model) is detected on the first batch and replaced.
@@ -414,8 +447,8 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_export(folder, tmp_path
         num_workers=0,
         verbose=False,
     )
-    stale = (tmp_path / "x.h5.onnx").read_bytes()
-    (tmp_path / "x.h5.onnx").replace(export)
+    stale = (tmp_path / "x.h5.20x20.onnx").read_bytes()
+    (tmp_path / "x.h5.20x20.onnx").replace(export)
     again = extract(
         source,
         tiny_backbone(),

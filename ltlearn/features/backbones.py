@@ -56,6 +56,17 @@ class ImagePreprocess:
         pixels = np.asarray(image.resize(self.size[::-1], filter_), dtype=np.float32) / 255.0
         return torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).copy())
 
+    def resize_spec(self):
+        """``(size, scale, shift)`` for :class:`~ltlearn.features.resize.ResizeNormalize`.
+
+        Lets extraction resize in the model's graph instead of in PIL; None
+        for filters other than bicubic, which it does not reproduce.
+        """
+        if self.resample.lower() != "bicubic":
+            return None
+        mean, std = self.mean.ravel().astype(np.float64), self.std.ravel().astype(np.float64)
+        return self.size, (1.0 / (255.0 * std)).tolist(), (-mean / std).tolist()
+
     def __repr__(self):
         mean, std = self.mean.ravel().round(4).tolist(), self.std.ravel().round(4).tolist()
         return f"resize {self.size[0]}x{self.size[1]} ({self.resample}), (x / 255 - {mean}) / {std}"
@@ -72,7 +83,9 @@ class Backbone:
         whose ``output``-th element is the embedding.
     preprocess : callable
         PIL image -> tensor (3, H, W); runs in the loader's worker processes,
-        so it must be picklable.
+        so it must be picklable. One with a ``resize_spec()`` method (a PIL
+        bicubic resize and a per-channel affine map, as :class:`ImagePreprocess`)
+        lets extraction ship uint8 images and resize them in the model's graph.
     name : str
         Stored as the ``backbone`` attribute of the feature file.
     weights : str
@@ -135,6 +148,10 @@ class _FixedOffset:
         resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         pixels = (np.asarray(resized, dtype=np.float32) - 127.0) / 128.0
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+    def resize_spec(self):
+        """``(size, scale, shift)`` for :class:`~ltlearn.features.resize.ResizeNormalize`."""
+        return (self.size, self.size), [1.0 / 128.0] * 3, [-127.0 / 128.0] * 3
 
     def __repr__(self):
         return f"RGB; bicubic resize to {self.size}x{self.size} (PIL, no crop); (pixel - 127) / 128"

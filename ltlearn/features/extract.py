@@ -10,7 +10,10 @@ of HDF5 virtual data sets, without copying the features.
 """
 
 import contextlib
+import copy
 import importlib.util
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from ltlearn._optional import import_optional
 from ltlearn._training import resolve_device
 from ltlearn.exceptions import FeatureFileError, LtlearnError
 from ltlearn.features.io import FeatureFile, FeatureWriter
+from ltlearn.features.resize import ResizeNormalize
 
 __all__ = ["CorruptImageWarning", "extract", "merge"]
 
@@ -34,13 +38,23 @@ class CorruptImageWarning(UserWarning):
     """An image could not be decoded and was skipped (``on_error="skip"``)."""
 
 
-class _Preprocessed(Dataset):
-    """Items ``start .. stop`` of a source, preprocessed; failures become error records."""
+def _uint8_chw(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
-    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None):
+
+class _Preprocessed(Dataset):
+    """Items ``start .. stop`` of a source, preprocessed; failures become error records.
+
+    With ``raw=True`` an item is the decoded uint8 image (and its views), for
+    a resize in the model's graph; the preprocessing runs later, in
+    :class:`_Collate`, only for batches whose images differ in size.
+    """
+
+    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None, raw=False):
         self.source, self.preprocess = source, preprocess
         self.start, self.stop = start, stop
         self.views, self.view_transform = views, view_transform
+        self.prepare = _uint8_chw if raw else preprocess
 
     def __len__(self):
         return self.stop - self.start
@@ -49,26 +63,90 @@ class _Preprocessed(Dataset):
         index = self.start + i
         try:
             image, label = self.source[index]
-            tensor = self.preprocess(image)
-            if self.views:
-                augmented = [self.preprocess(self.view_transform(image)) for _ in range(self.views)]
-                tensor = torch.stack([tensor, *augmented])  # (1 + views, 3, H, W)
+            tensors = [self.prepare(image)]
+            tensors += [self.prepare(self.view_transform(image)) for _ in range(self.views)]
+            if self.prepare is _uint8_chw and len({t.shape for t in tensors}) > 1:
+                # Views of another size than the image: preprocess them all here.
+                tensors = [self.preprocess(_pil(t)) for t in tensors]
+            tensor = torch.stack(tensors) if self.views else tensors[0]  # (1 + views, 3, H, W)
             return index, tensor, int(label), None
         except Exception as exc:  # any decoding problem of any image library
             return index, None, -1, f"{type(exc).__name__}: {exc}"
 
 
-def _collate(items):
-    good = [item for item in items if item[3] is None]
-    bad = [(item[0], item[3]) for item in items if item[3] is not None]
-    indices = [item[0] for item in items]
-    if good:
-        batch = torch.stack([item[1] for item in good])
-        labels = np.array([item[2] for item in good], dtype=np.int64)
-        rows = np.array([item[0] for item in good])
-    else:
-        batch, labels, rows = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return max(indices) + 1, batch, labels, rows, bad
+def _pil(tensor):
+    """A uint8 (3, H, W) tensor as a PIL image; float tensors pass through."""
+    if tensor.dtype != torch.uint8:
+        return tensor
+    Image = import_optional("PIL.Image", "extract")
+    return Image.fromarray(tensor.permute(1, 2, 0).numpy())
+
+
+# Rows reach the file in blocks of this many, or of what one second produced if
+# that is fewer: each write flushes the file twice (about 10 ms each here), too
+# much for every batch of 64 small images, while a killed run loses at most a
+# second of work.
+_WRITE_ROWS = 1024
+_WRITE_SECONDS = 1.0
+
+
+class _PendingRows:
+    """Embedded rows waiting to be written, and the source items they account for."""
+
+    def __init__(self):
+        self.parts, self.rows, self.items_done = [], 0, 0
+        self.since = time.monotonic()
+
+    def add(self, features, labels, ids, views):
+        self.parts.append((features, labels, ids, views))
+        self.rows += len(labels)
+
+    def due(self):
+        return self.rows >= _WRITE_ROWS or (
+            self.rows and time.monotonic() - self.since >= _WRITE_SECONDS
+        )
+
+    def write(self, writer, split, items_done, skipped):
+        features, labels, ids, views = zip(*self.parts, strict=True)
+        # items_done moves with n_rows: both are flushed by the same append.
+        writer.append(
+            split,
+            np.concatenate(features),
+            np.concatenate(labels),
+            ids=[i for block in ids for i in block],
+            views=None if views[0] is None else np.concatenate(views),
+            progress={"items_done": items_done, "skipped": skipped},
+        )
+        self.parts, self.rows, self.since = [], 0, time.monotonic()
+
+
+class _Collate:
+    """Stacks good items into a batch: uint8 when every image has one size, else preprocessed."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def _float(self, tensor):
+        if tensor.dtype != torch.uint8:
+            return tensor
+        if tensor.ndim == 4:  # an image and its views
+            return torch.stack([self.preprocess(_pil(t)) for t in tensor])
+        return self.preprocess(_pil(tensor))
+
+    def __call__(self, items):
+        good = [item for item in items if item[3] is None]
+        bad = [(item[0], item[3]) for item in items if item[3] is not None]
+        indices = [item[0] for item in items]
+        if good:
+            tensors = [item[1] for item in good]
+            if len({(t.dtype, t.shape) for t in tensors}) > 1:
+                tensors = [self._float(t) for t in tensors]
+            batch = torch.stack(tensors)
+            labels = np.array([item[2] for item in good], dtype=np.int64)
+            rows = np.array([item[0] for item in good])
+        else:
+            batch, labels, rows = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return max(indices) + 1, batch, labels, rows, bad
 
 
 class _OnnxRuntime:
@@ -81,9 +159,9 @@ class _OnnxRuntime:
     automatic choice.
     """
 
-    def __init__(self, backbone, onnx_path, strict):
+    def __init__(self, module, onnx_path, strict, name):
         self.ort = import_optional("onnxruntime", "onnx")
-        self.backbone, self.path, self.strict = backbone, Path(onnx_path), strict
+        self.module, self.path, self.strict, self.name = module, Path(onnx_path), strict, name
         self.session = None
         self.fallback = False
 
@@ -91,8 +169,12 @@ class _OnnxRuntime:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
+            # The exporter puts the module back in the training mode it found it
+            # in, recursively: a wrapper left in training mode turned the backbone's
+            # batch norms to training mode, which the next forward pass corrupted.
+            # An eval-mode copy leaves the caller's module alone.
             torch.onnx.export(
-                _Embedding(self.backbone),
+                copy.deepcopy(self.module).eval(),
                 (batch[:1],),
                 str(tmp),
                 dynamo=False,
@@ -117,44 +199,84 @@ class _OnnxRuntime:
 
     def __call__(self, batch):
         if self.fallback:
-            return self.backbone.embed(batch)
+            return self.module(batch)
         if self.session is None:
             # A few rows suffice to check the export; a whole eager batch costs seconds on a CPU.
             probe = batch[:4]
-            reference = self.backbone.embed(probe).float()
+            reference = self.module(probe).float()
             for attempt in ("cached", "fresh"):
                 if attempt == "fresh" or not self.path.exists():
                     try:
                         self._export(batch)
                     except Exception as exc:  # exporters fail in many ways on unusual ops
-                        message = f"{self.backbone.name} cannot be exported to ONNX ({exc})"
+                        message = f"{self.name} cannot be exported to ONNX ({exc})"
                         if self.strict:
                             raise LtlearnError(f"{message}; use engine='torch'.") from exc
                         warnings.warn(f"{message}; running it in torch.", stacklevel=3)
                         self.fallback = True
-                        return self.backbone.embed(batch)
+                        return self.module(batch)
                 self._open()
                 out = self._run(probe)
                 scale = reference.abs().max().clamp_min(1e-12)
                 if out.shape == reference.shape and (out - reference).abs().max() <= 1e-3 * scale:
                     return self._run(batch)
             raise LtlearnError(
-                f"The ONNX export of {self.backbone.name} ({self.path}) disagrees with torch "
+                f"The ONNX export of {self.name} ({self.path}) disagrees with torch "
                 "on the first batch; use engine='torch'."
             )
         return self._run(batch)
 
 
 class _Embedding(torch.nn.Module):
-    """A backbone as a module that returns the embedding only (for export)."""
+    """A backbone as a module that returns the embedding only (for export).
 
-    def __init__(self, backbone):
+    With ``resize``, its input is a uint8 batch that the module resizes and
+    normalises first (:class:`~ltlearn.features.resize.ResizeNormalize`).
+    """
+
+    def __init__(self, backbone, resize=None):
         super().__init__()
         self.module = backbone.module
         self.backbone = backbone
+        self.resize = resize
 
     def forward(self, x):
+        if self.resize is not None:
+            if x.is_cuda:
+                # float16 autocast would round the pixel sums: the resize stays in float32.
+                with torch.autocast("cuda", enabled=False):
+                    x = self.resize(x)
+            else:
+                x = self.resize(x)
         return self.backbone.embed(x)
+
+
+class _Engines:
+    """How each batch is embedded: float batches as preprocessed, uint8 ones per image size."""
+
+    def __init__(self, backbone, device, onnx, onnx_path, strict):
+        self.backbone, self.device = backbone, device
+        self.onnx, self.onnx_path, self.strict = onnx, onnx_path, strict
+        self.spec = getattr(backbone.preprocess, "resize_spec", lambda: None)()
+        self.by_key = {}
+
+    def __call__(self, batch):
+        key = tuple(batch.shape[-2:]) if batch.dtype == torch.uint8 else "float"
+        if key not in self.by_key:
+            self.by_key[key] = self._make(key)
+        return self.by_key[key](batch)
+
+    def _make(self, key):
+        resize = None
+        path = self.onnx_path
+        if key != "float":
+            size, scale, shift = self.spec
+            resize = ResizeNormalize(key, size, scale, shift).to(self.device)
+            path = path.with_name(f"{path.stem}.{key[0]}x{key[1]}{path.suffix}")
+        module = _Embedding(self.backbone, resize)
+        if not self.onnx:
+            return module
+        return _OnnxRuntime(module, path, strict=self.strict, name=self.backbone.name)
 
 
 def _shard_range(n_items, shard):
@@ -205,7 +327,11 @@ def extract(
         Group of the file the rows go to.
     batch_size : int, default=64
     num_workers : int, default=None
-        DataLoader worker processes; None uses ``min(4, cpu count - 1)``.
+        DataLoader worker processes. None uses none when the model runs on
+        the CPU (the engine already uses every core, and a worker would only
+        compete with it: 0.85x of the bare engine speed with one worker
+        against 0.90x without, on 2 cores) and ``min(8, cpu count - 1)`` on a
+        GPU.
     device : str, default="auto"
         Where the backbone runs; on CUDA with pinned memory and float16
         autocast.
@@ -227,7 +353,14 @@ def extract(
         (``<path>.onnx``), checks it against torch on the first batch, and runs
         it with onnxruntime: several times faster than eager torch on a CPU.
         ``"auto"`` is onnxruntime on the CPU when it is installed and the
-        backbone is a ``torch.nn.Module``, torch otherwise.
+        backbone is a ``torch.nn.Module``, torch otherwise. When the
+        backbone's preprocessing is a PIL bicubic resize and a per-channel
+        normalisation (EfficientNet-Lite0, :class:`~ltlearn.features.backbones.ImagePreprocess`)
+        and a batch's images share one size, the workers send the decoded
+        uint8 images and the resize runs inside the model
+        (:mod:`ltlearn.features.resize`); that export is cached as
+        ``<path>.<H>x<W>.onnx``. Delete the ``.onnx`` files after a finished
+        run if the disk space matters; a rerun re-exports them.
     views : int, default=0
         Augmented views per image, embedded besides the plain view and stored
         as ``/<split>/views`` (n, views, d), for estimators that use view
@@ -269,20 +402,26 @@ def extract(
         if done >= stop - start:
             return path
         if num_workers is None:
-            num_workers = max(0, min(4, (torch.get_num_threads() or 1) - 1))
+            num_workers = 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
+        raw = getattr(backbone.preprocess, "resize_spec", lambda: None)() is not None
         loader = DataLoader(
-            _Preprocessed(source, backbone.preprocess, start + done, stop, views, view_transform),
+            _Preprocessed(
+                source, backbone.preprocess, start + done, stop, views, view_transform, raw=raw
+            ),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=_Collate(backbone.preprocess),
             pin_memory=device.type == "cuda",
         )
         if isinstance(backbone.module, torch.nn.Module):
             stack.enter_context(_moved_to(backbone.module, device))
-        embed = backbone.embed
-        if _use_onnxruntime(engine, device, backbone):
-            onnx_path = path.with_name(path.name + ".onnx")
-            embed = _OnnxRuntime(backbone, onnx_path, strict=engine == "onnxruntime")
+        embed = _Engines(
+            backbone,
+            device,
+            onnx=_use_onnxruntime(engine, device, backbone),
+            onnx_path=path.with_name(path.name + ".onnx"),
+            strict=engine == "onnxruntime",
+        )
         autocast = (
             torch.autocast("cuda", dtype=torch.float16)
             if device.type == "cuda"
@@ -295,36 +434,39 @@ def extract(
             unit="img",
             disable=not verbose,
         )
+        pending = _PendingRows()
         with torch.inference_mode(), progress:
-            for end, batch, labels, rows, bad in loader:
-                for index, message in bad:
-                    where = f"image {ids[index]!r} (item {index})"
-                    if on_error == "raise":
-                        raise LtlearnError(f"Could not read {where}: {message}")
-                    warnings.warn(f"Skipped {where}: {message}", CorruptImageWarning, stacklevel=2)
-                    skipped.append(ids[index])
-                if batch is not None:
-                    batch = batch.flatten(0, 1) if views else batch  # views follow their image
-                    batch = batch.to(device, non_blocking=True)
-                    with autocast:
-                        features = embed(batch).float().cpu().numpy()
-                    extra = None
-                    if views:
-                        features = features.reshape(len(rows), views + 1, -1)
-                        features, extra = features[:, 0], features[:, 1:]
-                    # items_done moves with n_rows: both are flushed by the same append.
-                    writer.append(
-                        split,
-                        features,
-                        labels,
-                        ids=[ids[r] for r in rows],
-                        views=extra,
-                        progress={"items_done": end - start, "skipped": skipped},
-                    )
-                else:
-                    writer.record_progress(split, items_done=end - start, skipped=skipped)
-                progress.update(end - start - done)
-                done = end - start
+            try:
+                for end, batch, labels, rows, bad in loader:
+                    for index, message in bad:
+                        where = f"image {ids[index]!r} (item {index})"
+                        if on_error == "raise":
+                            raise LtlearnError(f"Could not read {where}: {message}")
+                        warnings.warn(
+                            f"Skipped {where}: {message}", CorruptImageWarning, stacklevel=2
+                        )
+                        skipped.append(ids[index])
+                    if batch is not None:
+                        batch = batch.flatten(0, 1) if views else batch  # views follow their image
+                        batch = batch.to(device, non_blocking=True)
+                        with autocast:
+                            features = embed(batch).float().cpu().numpy()
+                        extra = None
+                        if views:
+                            features = features.reshape(len(rows), views + 1, -1)
+                            features, extra = features[:, 0], features[:, 1:]
+                        pending.add(features, labels, [ids[r] for r in rows], extra)
+                    if pending.due():
+                        pending.write(writer, split, end - start, skipped)
+                    elif not pending.rows:
+                        writer.record_progress(split, items_done=end - start, skipped=skipped)
+                    pending.items_done = end - start
+                    progress.update(end - start - done)
+                    done = end - start
+            finally:
+                # Rows computed before an error or an interrupt are kept.
+                if pending.rows:
+                    pending.write(writer, split, pending.items_done, skipped)
     return path
 
 
