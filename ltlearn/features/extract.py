@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ltlearn._optional import import_optional
 from ltlearn._training import resolve_device
 from ltlearn.exceptions import FeatureFileError, LtlearnError
+from ltlearn.features.backbones import Backbone
 from ltlearn.features.io import FeatureFile, FeatureWriter
 from ltlearn.features.resize import ResizeNormalize
 
@@ -295,7 +296,7 @@ def extract(
     backbone,
     path,
     *,
-    split="train",
+    split=None,
     batch_size=64,
     num_workers=None,
     device="auto",
@@ -312,19 +313,28 @@ def extract(
 
     Parameters
     ----------
-    source : torch Dataset of (PIL image, label)
-        One of :mod:`ltlearn.features.sources` or anything with ``classes``
-        and ``ids`` (a stable string per item; item indices are used when
-        absent).
-    backbone : Backbone
-        From :mod:`ltlearn.features.backbones`.
+    source : str, path-like or torch Dataset of (PIL image, label)
+        A path as the ``ltlearn extract`` command takes it (an image folder
+        or ``.zip``, a CIFAR python directory, a list file; see
+        :func:`~ltlearn.features.sources.open_source`), one of
+        :mod:`ltlearn.features.sources`, or anything with ``classes`` and
+        ``ids`` (a stable string per item; item indices are used when absent).
+    backbone : str or Backbone
+        A name as the command takes it (``"efficientnet-lite0"``,
+        ``"open_clip:<model>:<tag>"``, ``"torchvision:<arch>:<weights file>"``,
+        a TorchScript or ``torch.export`` file; see
+        :func:`~ltlearn.features.backbones.load_backbone`), or a
+        :class:`~ltlearn.features.backbones.Backbone`.
     path : str or path-like
         The ``.h5`` file. If it exists it is resumed (rows already done are
         skipped), provided it was written by the same backbone, weights and
         preprocessing and has the same classes; otherwise an error names the
         difference.
-    split : str, default="train"
-        Group of the file the rows go to.
+    split : str, default=None
+        Group of the file the rows go to. None: the single top-level folder of
+        an image folder or zip laid out as ``<split>/<class>/<file>``, else
+        ``"train"``; for a CIFAR directory given as a path, also which of its
+        splits is read.
     batch_size : int, default=64
     num_workers : int, default=None
         DataLoader worker processes. None uses none when the model runs on
@@ -384,6 +394,20 @@ def extract(
         raise ValueError(f"views must be a non-negative int; got {views!r}.")
     if views and not callable(view_transform):
         raise ValueError("views > 0 needs a view_transform (PIL image -> augmented PIL image).")
+    if isinstance(source, (str, os.PathLike)):
+        from ltlearn.features.sources import open_source
+
+        source = open_source(source, split=split or "train")
+    if isinstance(backbone, str):
+        from ltlearn.features.backbones import load_backbone
+
+        backbone = load_backbone(backbone)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(
+            "backbone must be a Backbone (ltlearn.features.backbones) or a backbone name such "
+            f"as 'efficientnet-lite0'; got {type(backbone).__name__}."
+        )
+    split = split or getattr(source, "prefix", "") or "train"
     path = Path(path)
     device = resolve_device(device)
     ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]

@@ -16,7 +16,13 @@ from torch.utils.data import Dataset
 
 from ltlearn._optional import import_optional
 
-__all__ = ["CIFARSource", "ImageFolderSource", "ListFileSource", "TorchDatasetSource"]
+__all__ = [
+    "CIFARSource",
+    "ImageFolderSource",
+    "ListFileSource",
+    "TorchDatasetSource",
+    "open_source",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -33,6 +39,52 @@ def _open_rgb(data_or_path):
     return image.convert("RGB")
 
 
+def _class_pairs(names, prefix):
+    """``(name, class)`` of the images laid out as ``[prefix/]<class>/<file>``."""
+    pairs = []
+    for name in names:
+        path = PurePosixPath(name)
+        if prefix is not None:
+            if not path.is_relative_to(prefix):
+                continue
+            path = path.relative_to(prefix)
+        if len(path.parts) == 2:
+            pairs.append((name, path.parts[0]))
+    return pairs
+
+
+def open_source(spec, *, split="train", prefix=None, list_file=False, root=None):
+    """An image source from a path, as the ``ltlearn extract`` command opens it.
+
+    Parameters
+    ----------
+    spec : str or path-like
+        An image folder or ``.zip`` (``<class>/<file>``, optionally under one
+        top-level folder), a CIFAR python directory, or a list file of
+        ``path label`` lines (``.txt``, or ``list_file=True``).
+    split : str, default="train"
+        For a CIFAR directory, which of its splits (``"train"`` or ``"test"``).
+    prefix : str, default=None
+        Folder inside an image folder or zip that holds the class folders.
+    list_file : bool, default=False
+        Read ``spec`` as a list file whatever its suffix.
+    root : str or path-like, default=None
+        Directory the paths of a list file are relative to.
+
+    Returns
+    -------
+    source : ImageFolderSource, CIFARSource or ListFileSource
+    """
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"Image source {str(path)!r} does not exist.")
+    if list_file or path.suffix == ".txt":
+        return ListFileSource(path, root=root)
+    if path.is_dir() and CIFARSource._find(path) is not None:
+        return CIFARSource(path, split=split if split in ("train", "test") else "train")
+    return ImageFolderSource(path, prefix=prefix or "")
+
+
 class ImageFolderSource(Dataset):
     """Images stored as ``<root>/<class>/<file>``, in a directory or a zip file.
 
@@ -45,7 +97,9 @@ class ImageFolderSource(Dataset):
         A directory, or a ``.zip`` file.
     prefix : str, default=""
         Folder inside ``root`` holding the class folders, e.g. ``"test"`` for
-        a zip laid out as ``test/<class>/<file>``.
+        a zip laid out as ``test/<class>/<file>``. When empty and ``root``
+        holds a single top-level folder of class folders, that folder is used
+        (and recorded as ``prefix``).
 
     Examples
     --------
@@ -77,20 +131,25 @@ class ImageFolderSource(Dataset):
                 for dirpath, _, files in os.walk(self.root)
                 for f in files
             ]
-        pairs = []
-        for name in sorted(names):
-            path = PurePosixPath(name)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            relative = path.relative_to(prefix) if prefix else path
-            if prefix and not path.is_relative_to(prefix):
-                continue
-            if len(relative.parts) != 2:
-                continue
-            pairs.append((name, relative.parts[0]))
+        images = [n for n in sorted(names) if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS]
+        pairs = _class_pairs(images, prefix)
+        # Three-part paths under one top-level folder: <split>/<class>/<file>.
+        tops = sorted(
+            {PurePosixPath(n).parts[0] for n in images if len(PurePosixPath(n).parts) == 3}
+        )
+        if not pairs and prefix is None and len(tops) == 1:
+            prefix = PurePosixPath(tops[0])
+            pairs = _class_pairs(images, prefix)
         if not pairs:
             where = f"{self.root}/{prefix}" if prefix else str(self.root)
-            raise ValueError(f"No images laid out as <class>/<file> found in {where!r}.")
+            hint = ""
+            if tops:
+                hint = (
+                    f" Its images lie under the folders {tops}: pass prefix= one of them "
+                    "(--prefix on the command line)."
+                )
+            raise ValueError(f"No images laid out as <class>/<file> found in {where!r}.{hint}")
+        self.prefix = "" if prefix is None else str(prefix)
         self.classes = sorted({c for _, c in pairs})
         index = {c: i for i, c in enumerate(self.classes)}
         self.ids = [name for name, _ in pairs]
