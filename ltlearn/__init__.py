@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 
 _ESTIMATORS = {
     "BalancedSoftmaxClassifier": "ltlearn.balanced_softmax",
+    "DecoupledClassifier": "ltlearn.decoupled",
     "LongTailTemperatureScaler": "ltlearn.calibration",
     "PRLClassifier": "ltlearn.prl",
+    "RIDEClassifier": "ltlearn.ride",
     "SADEClassifier": "ltlearn.sade",
 }
 

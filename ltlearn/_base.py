@@ -115,8 +115,22 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     }
 
     @abstractmethod
-    def _make_criterion(self, class_prior):
-        """The training loss, given the training class prior (a float tensor)."""
+    def _make_criterion(self, class_prior, n_steps):
+        """The training loss, given the training class prior (a float tensor).
+
+        ``n_steps`` is the number of optimizer steps ahead, for losses that
+        change during training (deferred re-weighting).
+        """
+
+    def _fit_second_stage(self, trained, Z, y, train, generator):
+        """A later training stage on the normalised features ``Z``; returns the module to keep.
+
+        ``train(module, criterion, balanced_sampling=..., rows=..., **settings)``
+        runs the shared loop with this estimator's settings (overrides
+        allowed), on all rows or on ``rows``; ``generator`` continues the fit's
+        random stream.
+        """
+        return trained
 
     def _initial_bias(self, class_prior):
         """Starting output bias of the head (a tensor), or None for zeros."""
@@ -280,27 +294,43 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         with torch.no_grad():
             Z = normalizer(X_t)
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
-        criterion = self._make_criterion(prior)
         n_steps = max_epochs * math.ceil(len(X) / min(batch_size, len(X)))
+        criterion = self._make_criterion(prior, n_steps)
         module = self._make_module(X.shape[1], n_classes, prior, generator, n_steps)
-        self.history_ = fit_module(
-            module,
-            criterion,
-            Z,
-            torch.as_tensor(y_index, dtype=torch.int64),
-            sample_weight=torch.from_numpy(sample_weight),
-            optimizer=self.optimizer,
-            lr=lr,
-            weight_decay=self.weight_decay,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr_schedule=self.lr_schedule,
-            balanced_sampling=balanced_sampling,
-            device=device,
-            generator=generator,
-            verbose=self.verbose,
-            desc=type(self).__name__,
-        )
+        y_t = torch.as_tensor(y_index, dtype=torch.int64)
+        w_t = torch.from_numpy(sample_weight)
+
+        def train(
+            module, criterion, *, balanced_sampling=balanced_sampling, desc=None, rows=None, **kw
+        ):
+            # The loop with this estimator's settings: every stage trains alike.
+            # ``rows`` restricts it to a subset (e.g. to hold some rows out).
+            settings = dict(
+                optimizer=self.optimizer,
+                lr=lr,
+                weight_decay=self.weight_decay,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr_schedule=self.lr_schedule,
+            )
+            settings.update(kw)
+            picked = slice(None) if rows is None else torch.as_tensor(rows)
+            return fit_module(
+                module,
+                criterion,
+                Z[picked],
+                y_t[picked],
+                sample_weight=w_t[picked],
+                balanced_sampling=balanced_sampling,
+                device=device,
+                generator=generator,
+                verbose=self.verbose,
+                desc=desc or type(self).__name__,
+                **settings,
+            )
+
+        self.history_ = train(module, criterion)
+        module = self._fit_second_stage(module, Z, y_t, train, generator)
         self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()
         self.criterion_ = criterion
         self.device_ = str(device)

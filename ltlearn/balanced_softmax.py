@@ -176,7 +176,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.random_state = random_state
         self.verbose = verbose
 
-    def _make_criterion(self, class_prior):
+    def _make_criterion(self, class_prior, n_steps):
         return LogitAdjustedLoss(class_prior, tau=self.tau)
 
     def _initial_bias(self, class_prior):

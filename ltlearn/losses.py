@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DiverseExpertLoss", "LogitAdjustedLoss", "PRLLoss", "inverse_prior"]
+__all__ = [
+    "DiverseExpertLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "PRLLoss",
+    "RIDELoss",
+    "effective_number_weights",
+    "inverse_prior",
+]
 
 
 def weighted_mean(values, sample_weight):
@@ -180,3 +188,142 @@ class PRLLoss(DiverseExpertLoss):
     def forward(self, logits, target, sample_weight=None):
         losses = self.expert_losses(logits, target, sample_weight)
         return losses.sum() + self.mu * torch.logsumexp(losses / self.mu, dim=0)
+
+
+def effective_number_weights(class_counts, beta=0.9999):
+    """Class weights ``(1 - beta) / (1 - beta ** n_c)``, scaled to average one.
+
+    The "effective number of samples" weights of Cui et al., "Class-Balanced
+    Loss Based on Effective Number of Samples" (CVPR 2019), which LDAM's
+    deferred re-weighting uses.
+
+    Parameters
+    ----------
+    class_counts : array-like of shape (n_classes,)
+    beta : float, default=0.9999
+
+    Returns
+    -------
+    weights : torch.Tensor of shape (n_classes,)
+
+    Examples
+    --------
+    >>> effective_number_weights([100, 1], beta=0.5)  # (0.5 / 1.0, 0.5 / 0.5), mean one
+    tensor([0.6667, 1.3333])
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    weights = (1.0 - beta) / (1.0 - beta**counts)
+    return (weights * len(weights) / weights.sum()).float()
+
+
+class LDAMLoss(nn.Module):
+    """Label-distribution-aware margin loss with deferred re-weighting (LDAM-DRW).
+
+    Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware
+    Margin Loss" (NeurIPS 2019), equations 10-11 and Algorithm 1: the target
+    class's logit is lowered by ``scale * m_y`` with margins ``m_c ∝ n_c **
+    (-1/4)`` (the largest ``max_margin``), on logits that are ``scale`` times a
+    cosine similarity (a cosine head); after ``drw_start`` of the training
+    steps the samples are re-weighted by :func:`effective_number_weights`.
+
+    Parameters
+    ----------
+    class_counts : array-like of shape (n_classes,)
+        Training samples per class.
+    max_margin : float, default=0.5
+        Margin of the rarest class, in cosine units.
+    scale : float, default=30.0
+        The factor the logits carry (the cosine head's scale).
+    drw_start : float, default=0.8
+        Fraction of the training steps after which the class re-weighting
+        starts; 1 or more never re-weights.
+    n_steps : int, default=None
+        Optimizer steps of the whole fit (counted by this loss's calls in
+        training mode); None never re-weights.
+    beta : float, default=0.9999
+        Of the effective-number weights.
+
+    Examples
+    --------
+    >>> import torch
+    >>> loss = LDAMLoss([100, 1], max_margin=0.5, scale=1.0)
+    >>> # Class 1 (the rarer) gets the full margin: CE of [0, -0.5] for target 1.
+    >>> round(loss(torch.zeros(1, 2), torch.tensor([1])).item(), 4)
+    0.9741
+    """
+
+    def __init__(
+        self, class_counts, *, max_margin=0.5, scale=30.0, drw_start=0.8, n_steps=None, beta=0.9999
+    ):
+        super().__init__()
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp_min(1.0)
+        margins = counts ** (-0.25)
+        self.register_buffer("margins", (margins * (max_margin / margins.max())).float())
+        self.register_buffer("class_weights", effective_number_weights(counts, beta))
+        self.scale = scale
+        self.reweight_from = None if n_steps is None else int(drw_start * n_steps)
+        self.steps = 0
+
+    def forward(self, logits, target, sample_weight=None):
+        adjusted = logits - self.scale * self.margins * F.one_hot(target, logits.shape[-1])
+        losses = F.cross_entropy(adjusted, target, reduction="none")
+        if self.training:
+            self.steps += 1
+        if self.reweight_from is not None and self.steps > self.reweight_from:
+            weight = self.class_weights[target]
+            sample_weight = weight if sample_weight is None else weight * sample_weight
+        return weighted_mean(losses, sample_weight)
+
+
+class RIDELoss(nn.Module):
+    """Each expert's long-tail loss plus RIDE's distribution-aware diversity loss.
+
+    Wang et al., "Long-tailed Recognition by Routing Diverse Distribution-Aware
+    Experts" (ICLR 2021), section 3.2: for experts ``i`` with logits ``z_i``
+    and their mean ``z`` (held fixed),
+
+        L = sum_i [ base(z_i, y) + diversity * T^2 * KL(softmax(z / T) || softmax(z_i / T)) ]
+
+    with a per-class temperature ``T_c = temperature * w_c``, ``w_c ∝ C p_c r +
+    1 - r`` (``r = reweight_factor``, largest one), so that the experts are
+    pushed apart less on tail classes. A negative ``diversity`` (the paper's
+    -0.2) makes the experts diverge from their mean.
+
+    Parameters
+    ----------
+    base : torch.nn.Module
+        The per-expert long-tail loss, called as ``base(logits, target, sample_weight)``.
+    class_prior : torch.Tensor of shape (n_classes,)
+        Training class frequencies.
+    diversity : float, default=-0.2
+        Weight of the diversity term.
+    temperature : float, default=1.0
+    reweight_factor : float, default=0.05
+
+    Examples
+    --------
+    >>> import torch
+    >>> base = LogitAdjustedLoss(torch.tensor([0.5, 0.5]), tau=0.0)
+    >>> loss = RIDELoss(base, torch.tensor([0.5, 0.5]))
+    >>> same = torch.zeros(3, 4, 2)  # identical experts: no divergence, 3 x log 2
+    >>> round(loss(same, torch.tensor([0, 1, 0, 1])).item(), 4)
+    2.0794
+    """
+
+    def __init__(self, base, class_prior, *, diversity=-0.2, temperature=1.0, reweight_factor=0.05):
+        super().__init__()
+        self.base = base
+        self.diversity = diversity
+        n_classes = len(class_prior)
+        weights = n_classes * class_prior * reweight_factor + 1.0 - reweight_factor
+        self.register_buffer("temperatures", temperature * weights / weights.max())
+
+    def forward(self, logits, target, sample_weight=None):
+        total = sum(self.base(z, target, sample_weight) for z in logits)
+        if self.diversity:
+            t = self.temperatures
+            mean = F.softmax(logits.mean(dim=0).detach() / t, dim=-1)
+            for z in logits:
+                kl = F.kl_div(F.log_softmax(z / t, dim=-1), mean, reduction="batchmean")
+                total = total + self.diversity * t.mean() ** 2 * kl
+        return total

@@ -341,7 +341,7 @@ class PRLClassifier(TorchHeadClassifier):
         # Softmax ignores constant offsets; centred rows keep the generated biases small.
         return basis - basis.mean(dim=1, keepdim=True)
 
-    def _make_criterion(self, class_prior):
+    def _make_criterion(self, class_prior, n_steps):
         return PRLLoss(class_prior, lam=self.lam, mu=self.mu)
 
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):

@@ -250,7 +250,7 @@ class SADEClassifier(TorchHeadClassifier):
         self.random_state = random_state
         self.verbose = verbose
 
-    def _make_criterion(self, class_prior):
+    def _make_criterion(self, class_prior, n_steps):
         return DiverseExpertLoss(class_prior, lam=self.lam)
 
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):

@@ -2,12 +2,21 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier, SADEClassifier
+from ltlearn import (
+    BalancedSoftmaxClassifier,
+    DecoupledClassifier,
+    PRLClassifier,
+    RIDEClassifier,
+    SADEClassifier,
+)
 
 ESTIMATORS = [
     BalancedSoftmaxClassifier(max_epochs=5, device="cpu", random_state=0),
     PRLClassifier(max_epochs=5, device="cpu", random_state=0),
     SADEClassifier(max_epochs=5, device="cpu", random_state=0),
+    RIDEClassifier(max_epochs=5, device="cpu", random_state=0),
+    DecoupledClassifier("crt", max_epochs=5, device="cpu", random_state=0),
+    DecoupledClassifier("tau_norm", max_epochs=5, device="cpu", random_state=0),
 ]
 
 MINI_BATCH = {
@@ -20,6 +29,8 @@ EXPECTED_FAILED_CHECKS = {
     "BalancedSoftmaxClassifier": MINI_BATCH,
     "PRLClassifier": MINI_BATCH,
     "SADEClassifier": MINI_BATCH,
+    "RIDEClassifier": MINI_BATCH,
+    "DecoupledClassifier": MINI_BATCH,
 }
 
 

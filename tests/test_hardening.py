@@ -15,7 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier, SADEClassifier
+from ltlearn import (
+    BalancedSoftmaxClassifier,
+    DecoupledClassifier,
+    PRLClassifier,
+    RIDEClassifier,
+    SADEClassifier,
+)
 from ltlearn.exceptions import FeatureFileError, TrainingDivergedError
 from ltlearn.features import FeatureFile, FeatureWriter, read_features, write_features
 
@@ -156,6 +162,8 @@ ESTIMATORS = {
     ),
     "prl": lambda: PRLClassifier(max_epochs=3, **FAST),
     "sade": lambda: SADEClassifier(max_epochs=3, **FAST),
+    "ride": lambda: RIDEClassifier(adapter_size=4, max_epochs=3, **FAST),
+    "decoupled_lws": lambda: DecoupledClassifier("lws", max_epochs=3, **FAST),
 }
 
 magnitudes = st.sampled_from([1.0, 1e-40, 1e-30, 1e-8, 1e8, 1e20, 1e30, 1e38, 3e38])
