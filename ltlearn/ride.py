@@ -41,7 +41,7 @@ from ltlearn.losses import LDAMLoss, LogitAdjustedLoss, RIDELoss
 __all__ = ["ExpertRouter", "RIDEClassifier", "RIDENetwork"]
 
 LOSSES = ("balanced_softmax", "ldam_drw")
-ROUTER_EPOCHS = 20
+ROUTER_EPOCHS = 5
 
 
 class RIDENetwork(nn.Module):
@@ -222,11 +222,18 @@ class RIDEClassifier(TorchHeadClassifier):
     loss : {"balanced_softmax", "ldam_drw"}, default="balanced_softmax"
         Each expert's long-tail loss: Balanced Softmax on linear heads, or
         LDAM with deferred re-weighting on cosine heads (the paper's choice).
-    diversity : float, default=-0.2
-        Weight of the diversity loss; negative pushes experts apart (the paper's value).
+    diversity : float, default=0.0
+        Weight of the diversity loss; negative pushes experts apart. The
+        paper's -0.2 brought the balanced validation accuracy of CIFAR-10-LT
+        embeddings (IR 100) from 76.4 % to 48.5 % with adapters and to 67.1 %
+        without, and -0.05 cost 0.4 point: on frozen features the experts can
+        only diverge by degrading. The default leaves it off.
     diversity_temperature : float, default=1.0
-    adapter_size : int or None, default=None
-        Hidden width of a residual adapter in front of each expert's head.
+    adapter_size : int or None, default=64
+        Hidden width of a residual adapter in front of each expert's head;
+        None for plain heads (linear heads on the same features converge to
+        the same solution, so an ensemble of them is one head: 74.3 % against
+        76.4 % with adapters on the same validation split).
     router_threshold : float, default=0.5
         A sample goes on to the next expert while the router's probability
         that it helps exceeds this; 0 uses every expert, 1 only the first.
@@ -284,9 +291,9 @@ random_state, verbose
         *,
         n_experts=3,
         loss="balanced_softmax",
-        diversity=-0.2,
+        diversity=0.0,
         diversity_temperature=1.0,
-        adapter_size=None,
+        adapter_size=64,
         router_threshold=0.5,
         router_pos_weight=20.0,
         cosine_scale=30.0,
