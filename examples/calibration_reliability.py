@@ -1,4 +1,8 @@
-"""Calibrate a long-tailed classifier and draw reliability diagrams.
+"""
+Calibration under long tails: reliability diagrams
+==================================================
+
+Calibrate a long-tailed classifier and draw reliability diagrams.
 
 Splits a long-tailed training set 80/20 into train and calibration sets (both
 long-tailed), fits a plain cross-entropy head and a BalancedSoftmaxClassifier
@@ -23,19 +27,38 @@ from ltlearn.plotting import plot_reliability_diagram
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_effnetlite0.h5"
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--features", type=Path, default=DEFAULT)
-parser.add_argument("--imbalance-ratio", type=float, default=100)
-parser.add_argument("--out", type=Path, default=Path("reliability.png"))
-args = parser.parse_args()
 
-if args.features.exists():
-    X_pool, y_pool = read_features(args.features, "train")
-    X_test, y_test = read_features(args.features, "test")
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows this file's description and each option's default."""
+
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+parser.add_argument(
+    "--features",
+    type=Path,
+    help="feature file with train and test splits (default: the project's CIFAR-10 file, "
+    "or scikit-learn's digits when it is absent)",
+)
+parser.add_argument(
+    "--imbalance-ratio", type=float, default=100, help="imbalance ratio of the training set"
+)
+parser.add_argument("--out", type=Path, default=Path("reliability.png"), help="figure to write")
+parser.add_argument(
+    "--digits", action="store_true", help="use scikit-learn's digits instead (seconds)"
+)
+args = parser.parse_args()
+if args.features is not None and not args.features.exists():
+    parser.error(f"--features {args.features} does not exist")
+features = None if args.digits else (args.features or DEFAULT)
+
+if features is not None and features.exists():
+    X_pool, y_pool = read_features(features, "train")
+    X_test, y_test = read_features(features, "test")
     keep = long_tailed_subset(y_pool, args.imbalance_ratio, random_state=0)
     X_lt, y_lt = X_pool[keep], y_pool[keep]
 else:
-    print(f"{args.features} not found: using scikit-learn's digits, made long-tailed (IR 10).")
+    if features is not None:
+        print(f"{features} not found: using scikit-learn's digits, made long-tailed (IR 10).")
     data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
     X_lt, y_lt, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
 train, cal = train_val_split(y_lt, val_size=0.2, random_state=0)

@@ -1,9 +1,16 @@
-"""Quick start: a long-tailed classifier, in a pipeline, tuned by grid search, adapted.
+"""
+Quick start
+===========
+
+A long-tailed classifier, in a pipeline, tuned by grid search, given a test prior and
+inferring one.
 
 Runs in seconds on scikit-learn's digits made long-tailed (IR 10):
 
     python examples/quickstart.py
 """
+
+import argparse
 
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -12,6 +19,10 @@ from sklearn.preprocessing import StandardScaler
 from ltlearn import BalancedSoftmaxClassifier
 from ltlearn.datasets import load_long_tailed_digits, shifted_test_subsets
 from ltlearn.metrics import SCORERS, make_shot_scorer, shot_accuracy
+
+argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+).parse_args()
 
 data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
 print("training samples per class:", data.class_counts.tolist())

@@ -53,7 +53,10 @@ def plot_preference_simplex(
     corner bottom left, uniform on top and backward bottom right; colour is
     accuracy on the forward / backward long-tailed test sets of ratio
     ``imbalance_ratio``, the balanced set ``(X, y)``, and each group of classes
-    (many / medium / few by default). The best point of each panel is marked.
+    (many / medium / few by default). The best point of each panel is marked
+    with a star: chosen on that very test set, it is an oracle, and may differ
+    from the preference that :meth:`~ltlearn.PRLClassifier.preference_for_imbalance`
+    suggests without labels.
 
     Parameters
     ----------
@@ -97,7 +100,15 @@ def plot_preference_simplex(
     for ax, (name, values) in zip(axes.flat, accuracy.items(), strict=False):
         shading = ax.tripcolor(mesh, 100 * values, shading="gouraud", cmap="viridis")
         best = int(np.nanargmax(values))
-        ax.plot(*xy[best], marker="*", color="white", markeredgecolor="black", markersize=12)
+        ax.plot(
+            *xy[best],
+            marker="*",
+            color="white",
+            markeredgecolor="black",
+            markersize=12,
+            linestyle="none",
+            label="best point of the panel, chosen on this test set (hindsight)",
+        )
         figure.colorbar(shading, ax=ax, label="accuracy (%)", shrink=0.8)
         ax.set_title(f"{name.replace('_', ' ')} (best {100 * values[best]:.1f} %)")
         for (cx, cy), label in zip(_CORNERS, ("forward", "uniform", "backward"), strict=True):
@@ -114,7 +125,10 @@ def plot_preference_simplex(
     for ax in list(axes.flat)[n_panels:]:
         ax.remove()
     figure.suptitle(f"{type(estimator).__name__}: accuracy over the preference simplex")
-    figure.tight_layout()
+    # One legend for the star; it is an oracle, unlike preference_for_imbalance's rule.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     if path is not None:
         figure.savefig(path, dpi=120)
     return figure
@@ -168,15 +182,17 @@ def plot_reliability_diagram(
     figure = top.figure
     top.bar(centres, accuracy, width=width, edgecolor="black", color="tab:blue", label="accuracy")
     bottom_edge = np.minimum(accuracy, mean_conf)
+    # Hatched outline only: a filled gap over the accuracy bar (underconfident bins)
+    # would mix into a colour the legend does not show.
     top.bar(
         centres,
         np.abs(mean_conf - accuracy),
         bottom=bottom_edge,
         width=width,
-        color="tab:red",
-        alpha=0.35,
+        facecolor="none",
+        edgecolor="tab:red",
         hatch="//",
-        label="gap to confidence",
+        label="gap to mean confidence",
     )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_ylabel("accuracy")

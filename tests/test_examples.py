@@ -1,12 +1,38 @@
+"""Every example runs, in a fast mode, and answers --help."""
+
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 
 
-def test_quickstart_runs(capsys):
+def run(script, *args, cwd=None):
+    """Run an example as a script (its folder on sys.path, as `python examples/x.py` has it)."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_example_answers_help(script):
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert "===" in result.stdout  # the description: the example's title and text
+
+
+def test_quickstart_runs(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["quickstart.py"])
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     accuracy = float(out.split("balanced test accuracy: ")[1].split()[0])
@@ -17,35 +43,66 @@ def test_quickstart_runs(capsys):
     assert adapted > uniform
 
 
-@pytest.mark.slow
-def test_cifar10_lt_example_runs(cifar_features, capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["cifar10_lt.py", "--features", str(cifar_features)])
-    runpy.run_path(str(EXAMPLES / "cifar10_lt.py"), run_name="__main__")
-    assert "with true test prior" in capsys.readouterr().out
+def test_a_mistyped_feature_file_is_an_error_not_a_fallback(tmp_path):
+    result = run("cifar10_lt.py", "--features", str(tmp_path / "typo.h5"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
 
 
-def test_prl_example_writes_the_simplex_figure(tmp_path, capsys, monkeypatch):
+def test_cifar10_lt_example_prints_the_three_tables():
+    result = run("cifar10_lt.py", "--digits")
+    assert result.returncode == 0, result.stderr
+    for row in ("predicted as trained", "adapted: prior inferred", "told the true test prior"):
+        assert row in result.stdout
+    assert "F50" in result.stdout and "B50" in result.stdout
+
+
+def test_prl_example_writes_the_simplex_figure(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "simplex.png"
-    argv = ["prl_preferences.py", "--features", str(tmp_path / "absent.h5"), "--out", str(out)]
-    monkeypatch.setattr("sys.argv", argv)
-    runpy.run_path(str(EXAMPLES / "prl_preferences.py"), run_name="__main__")
-    printed = capsys.readouterr().out
-    assert "digits" in printed and "suggested per test set" in printed
+    result = run("prl_preferences.py", "--digits", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "suggested per test set" in result.stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_calibration_example_writes_reliability_diagrams(tmp_path, capsys, monkeypatch):
+def test_calibration_example_writes_reliability_diagrams(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "reliability.png"
-    argv = [
-        "calibration_reliability.py",
-        "--features",
-        str(tmp_path / "absent.h5"),
-        "--out",
-        str(out),
-    ]
-    monkeypatch.setattr("sys.argv", argv)
-    runpy.run_path(str(EXAMPLES / "calibration_reliability.py"), run_name="__main__")
-    assert "digits" in capsys.readouterr().out
+    result = run("calibration_reliability.py", "--digits", "--out", str(out))
+    assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_search_example(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "grid.png"
+    result = run("grid_search.py", "--digits", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "best parameters" in result.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cifar100_example_smoke_run_writes_tables_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run("cifar100_lt.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("accuracy.md", "accuracy.csv", "test_agnostic.md", "test_agnostic.csv"):
+        assert (tmp_path / name).read_text().count("\n") >= 3
+    assert (tmp_path / "test_agnostic.png").read_bytes()[:4] == b"\x89PNG"
+    assert "PRL + adapt (MAP)" in (tmp_path / "test_agnostic.md").read_text()
+
+
+def test_cifar100_example_names_both_ways_to_get_the_data(tmp_path):
+    result = run("cifar100_lt.py", "--data-dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr and "--download" in result.stderr
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-train-jpg.zip").exists(), reason="../shared is absent")
+def test_cifar10_from_images_example_smoke_run(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("matplotlib")
+    result = run("cifar10_lt_images.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "BalancedSoftmax + adapt (MAP)" in (tmp_path / "test_agnostic.md").read_text()
