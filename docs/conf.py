@@ -45,8 +45,22 @@ sphinx_gallery_conf = {
     # Run these during the build; the others need data or minutes (the test
     # suite runs them in their fast modes).
     "filename_pattern": r"/(quickstart|prl_preferences|calibration_reliability|cifar10_lt|grid_search)\.py$",
-    "ignore_pattern": r"__init__\.py",
+    "ignore_pattern": r"(__init__|_protocol)\.py",
     "download_all_examples": False,
     "remove_config_comments": True,
     "abort_on_example_error": True,
+    "doc_module": ("ltlearn",),
+    "backreferences_dir": "generated/backreferences",
 }
+
+
+def _skip_generated_members(app, what, name, obj, skip, options):
+    # scikit-learn generates set_<method>_request for metadata routing on every
+    # estimator; their docstrings point into scikit-learn's own documentation.
+    if name.startswith("set_") and name.endswith("_request"):
+        return True
+    return skip
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_generated_members)

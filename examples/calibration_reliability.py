@@ -25,7 +25,9 @@ from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, train_
 from ltlearn.features import read_features
 from ltlearn.plotting import plot_reliability_diagram
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_effnetlite0.h5"
+# sphinx-gallery runs examples without __file__, from their folder.
+_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

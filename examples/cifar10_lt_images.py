@@ -25,7 +25,9 @@ from ltlearn.datasets import long_tailed_subset
 from ltlearn.features import FeatureFile, extract
 from ltlearn.features.sources import ImageFolderSource
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# sphinx-gallery runs examples without __file__, from their folder.
+_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+SHARED = _HERE.parents[1] / "shared" / "data"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -29,7 +29,9 @@ from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
 from ltlearn.features import read_features
 from ltlearn.metrics import SCORERS, make_shot_scorer
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_effnetlite0.h5"
+# sphinx-gallery runs examples without __file__, from their folder.
+_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -99,7 +99,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         uniform under ``balanced_sampling``).
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Feature names, when ``X`` had string column names.
     module_ : ltlearn.heads.NormalizedHead
         The fitted normaliser and head, on the CPU in eval mode.

@@ -168,7 +168,7 @@ class SADEClassifier(TorchHeadClassifier):
     ----------
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Feature names, when ``X`` had string column names.
     class_counts_ : ndarray of shape (n_classes,)
     class_prior_ : ndarray of shape (n_classes,)
