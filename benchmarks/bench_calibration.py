@@ -129,7 +129,7 @@ def main():
             tail = ~head_mask[yc]
             if tail.any():
                 saturation.append((np.mean(w[tail] <= 0.3), np.mean(w[tail] >= 5.0)))
-        print(f"## IR {ir:g}: calibration set per class (last seed) {counts.tolist()}")
+        print(f"### IR {ir:g}: calibration set per class (last seed) {counts.tolist()}")
         if saturation:
             floor, cap = np.mean(saturation, axis=0)
             print(
@@ -141,6 +141,7 @@ def main():
             values = np.array(values)
             rows.append((ir, head, name, values.mean(axis=0), values.std(axis=0)))
 
+    print("### Balanced test set, mean +- std over the seeds\n")
     print("| IR | head | method | ECE % | MCE % | NLL | accuracy % | ECE vs plain TS |")
     print("|---|---|---|---|---|---|---|---|")
     plain = {(ir, head): mean[0] for ir, head, name, mean, _ in rows if name == "plain TS"}

@@ -33,6 +33,12 @@ DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's description and each option's default."""
 
+    def _get_help_string(self, action):
+        # Flags and options whose help says what happens without them need no "(default: None)".
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
 parser.add_argument(

@@ -36,6 +36,12 @@ from ltlearn.features.sources import CIFARSource
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's description and each option's default."""
 
+    def _get_help_string(self, action):
+        # Flags and options whose help says what happens without them need no "(default: None)".
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def write_small_cifar100(root, per_class_train=30, per_class_test=10, seed=0):
     """A ``cifar-100-python`` directory of random 32 x 32 images, in the official format."""
@@ -59,8 +65,19 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
 parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds cifar-100-python/")
 parser.add_argument("--download", action="store_true", help="download through torchvision")
 parser.add_argument("--backbone", default="efficientnet-lite0", help="backbone name or file")
-parser.add_argument("--imbalance-ratios", type=float, nargs="+", default=[100, 50, 10])
-parser.add_argument("--out-dir", type=Path, default=Path("cifar100_lt"))
+parser.add_argument(
+    "--imbalance-ratios",
+    type=float,
+    nargs="+",
+    default=[100, 50, 10],
+    help="CIFAR-LT profiles of the training set",
+)
+parser.add_argument(
+    "--out-dir",
+    type=Path,
+    default=Path("cifar100_lt"),
+    help="features, tables (Markdown, CSV) and plots go here; features are reused",
+)
 parser.add_argument(
     "--smoke", action="store_true", help="generated data and a tiny backbone, in seconds"
 )

@@ -15,6 +15,11 @@ shared file's, the accuracies match the feature-file route of ``cifar10_lt.py``.
 """
 
 import argparse
+import os
+import platform
+import sys
+import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,12 @@ SHARED = _HERE.parents[1] / "shared" / "data"
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's description and each option's default."""
 
+    def _get_help_string(self, action):
+        # Flags and options whose help says what happens without them need no "(default: None)".
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 class _Rows(torch.utils.data.Dataset):
     """Some rows of an image source, keeping its classes and ids."""
@@ -50,8 +61,19 @@ class _Rows(torch.utils.data.Dataset):
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
 parser.add_argument("--zips", type=Path, default=SHARED, help="folder of the two JPEG zips")
-parser.add_argument("--imbalance-ratios", type=float, nargs="+", default=[100])
-parser.add_argument("--out-dir", type=Path, default=Path("cifar10_lt_images"))
+parser.add_argument(
+    "--imbalance-ratios",
+    type=float,
+    nargs="+",
+    default=[100],
+    help="CIFAR-LT profiles of the training set",
+)
+parser.add_argument(
+    "--out-dir",
+    type=Path,
+    default=Path("cifar10_lt_images"),
+    help="features, tables (Markdown, CSV) and plots go here; features are reused",
+)
 parser.add_argument("--backbone", default="efficientnet-lite0", help="backbone name or file")
 parser.add_argument(
     "--smoke", action="store_true", help="a quick run on 20 images per class (for the tests)"
@@ -84,8 +106,14 @@ rows = np.unique(
 )
 args.out_dir.mkdir(parents=True, exist_ok=True)
 cache = args.out_dir / ("features_smoke.h5" if args.smoke else "features.h5")
-extract(_Rows(train, rows), args.backbone, cache, split="train")
-extract(_Rows(test, np.sort(test_rows)), args.backbone, cache, split="test")
+# A progress bar on a terminal; in the documentation build, one line per split.
+for split, source in (("train", _Rows(train, rows)), ("test", _Rows(test, np.sort(test_rows)))):
+    start = time.perf_counter()
+    extract(source, args.backbone, cache, split=split, verbose=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    print(f"{split}: {len(source)} images in {cache} after {seconds:.1f} s (reused if cached)")
+machine = platform.processor() or platform.machine()
+print(f"on {os.cpu_count()} CPU cores ({machine}), {date.today()}")
 with FeatureFile(cache) as f:
     X_rows, _ = f.read("train")
     X_test, y_test = f.read("test")

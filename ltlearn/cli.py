@@ -153,6 +153,7 @@ def _extract(args):
         batch_size=args.batch_size,
         num_workers=args.workers,
         device=args.device,
+        engine=args.engine,
         dtype=args.dtype,
         overwrite=args.overwrite,
         on_error=args.on_error,
@@ -166,6 +167,12 @@ def _extract(args):
             print(f"{out} is already complete: {rows} rows in split '{split}'; nothing to do.")
         else:
             print(f"wrote {out}: {rows} rows in split '{split}'")
+        exports = sorted(Path(out).parent.glob(Path(out).name + "*.onnx"))
+        if exports:
+            print(
+                "ONNX export cached for the next run (delete when done): "
+                + ", ".join(str(p) for p in exports)
+            )
     return 0
 
 
@@ -251,6 +258,14 @@ def build_parser():
     extract.add_argument("--batch-size", type=int, default=64)
     extract.add_argument("--workers", type=int, help="data-loading processes")
     extract.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    extract.add_argument(
+        "--engine",
+        choices=["auto", "torch", "onnxruntime"],
+        default="auto",
+        help="'auto' runs a module on the CPU through onnxruntime when the onnx extra is "
+        "installed, exported once and cached beside the output as OUT.h5.onnx (and "
+        "OUT.h5.<H>x<W>.onnx for the resize step); 'torch' writes no cache (default: auto)",
+    )
     extract.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     extract.add_argument("--overwrite", action="store_true", help="replace OUT.h5")
     extract.add_argument(

@@ -371,6 +371,17 @@ def test_paths_and_names_work_as_on_the_command_line(folder, tmp_path, capsys):
     assert "pass prefix=" in capsys.readouterr().err
 
 
+def test_cli_says_where_the_onnx_export_is_cached(folder, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr("ltlearn.features.backbones.load_backbone", lambda spec: tiny_backbone())
+    common = ["--workers", "0", "--device", "cpu"]
+    assert main(["extract", str(folder), str(tmp_path / "a.h5"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "delete when done" in out and str(tmp_path / "a.h5.20x20.onnx") in out
+    assert main(["extract", str(folder), str(tmp_path / "b.h5"), "--engine", "torch", *common]) == 0
+    assert not list(tmp_path.glob("b.h5*.onnx")) and "ONNX" not in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not (SHARED / "cifar10-test-jpg.zip").exists(), reason="../shared is absent")
 def test_efficientnet_lite0_reproduces_the_shared_features(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
