@@ -20,6 +20,7 @@ _ESTIMATORS = {
     "PRLClassifier": "ltlearn.prl",
     "RIDEClassifier": "ltlearn.ride",
     "SADEClassifier": "ltlearn.sade",
+    "SHIKEClassifier": "ltlearn.shike",
 }
 
 __all__ = [*_ESTIMATORS, "__version__"]

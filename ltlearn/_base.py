@@ -132,6 +132,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         return trained
 
+    def _make_normalizer(self, X):
+        """The input normaliser, fitted on the training features ``X`` (a float tensor)."""
+        return make_normalizer(self.normalize, X)
+
     def _initial_bias(self, class_prior):
         """Starting output bias of the head (a tensor), or None for zeros."""
         return None
@@ -290,7 +294,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         )
         generator = torch_generator(check_random_state(self.random_state))
         X_t = _float_tensor(X)
-        normalizer = make_normalizer(self.normalize, X_t)
+        normalizer = self._make_normalizer(X_t)
         with torch.no_grad():
             Z = normalizer(X_t)
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)

@@ -154,6 +154,7 @@ def _extract(args):
         num_workers=args.workers,
         device=args.device,
         engine=args.engine,
+        layers=args.layers,
         dtype=args.dtype,
         overwrite=args.overwrite,
         on_error=args.on_error,
@@ -265,6 +266,13 @@ def build_parser():
         help="'auto' runs a module on the CPU through onnxruntime when the onnx extra is "
         "installed, exported once and cached beside the output as OUT.h5.onnx (and "
         "OUT.h5.<H>x<W>.onnx for the resize step); 'torch' writes no cache (default: auto)",
+    )
+    extract.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME",
+        help="also store these submodules' pooled outputs before the embedding, e.g. "
+        "model._blocks.10 model._blocks.15 for efficientnet-lite0 (for SHIKEClassifier)",
     )
     extract.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     extract.add_argument("--overwrite", action="store_true", help="replace OUT.h5")

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "CosineHead",
+    "GroupedL2Normalizer",
     "L2Normalizer",
     "MLPHead",
     "NormalizedHead",
@@ -86,6 +87,35 @@ class L2Normalizer(nn.Module):
         # full passes over x, which dominates prediction time on wide embeddings.
         x, factor = self.prepare(x)
         return x * factor
+
+
+class GroupedL2Normalizer(nn.Module):
+    """:class:`L2Normalizer` applied to each group of columns on its own.
+
+    For rows that hold several layers side by side (multi-depth features):
+    one normalisation over the whole row would let the widest or largest
+    layer set the scale of all of them.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Widths of the column groups, in order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> GroupedL2Normalizer([2, 2])(torch.tensor([[3.0, 4.0, 0.0, 10.0]]))
+    tensor([[0.8485, 1.1314, 0.0000, 1.4142]])
+    """
+
+    def __init__(self, widths):
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        self.parts = nn.ModuleList(L2Normalizer(w) for w in self.widths)
+
+    def forward(self, x):
+        pieces = torch.split(x, self.widths, dim=1)
+        return torch.cat([part(piece) for part, piece in zip(self.parts, pieces, strict=True)], 1)
 
 
 class Standardizer(nn.Module):
@@ -259,7 +289,7 @@ def make_head(
     return head
 
 
-def make_normalizer(kind, X):
+def make_normalizer(kind, X, widths=None):
     """Build the input normaliser fitted on training features ``X`` (a float tensor).
 
     Parameters
@@ -269,6 +299,9 @@ def make_normalizer(kind, X):
         fitted on ``X``; None: identity.
     X : torch.Tensor of shape (n_samples, n_features)
         Training features.
+    widths : sequence of int, default=None
+        Column groups (several layers side by side): ``"l2"`` then normalises
+        each group on its own (:class:`GroupedL2Normalizer`).
 
     Returns
     -------
@@ -284,6 +317,8 @@ def make_normalizer(kind, X):
     if kind is None:
         return nn.Identity()
     if kind == "l2":
+        if widths is not None and len(widths) > 1:
+            return GroupedL2Normalizer(widths)
         return L2Normalizer(X.shape[1])
     if kind == "standard":
         return Standardizer.from_data(X)

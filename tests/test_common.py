@@ -8,6 +8,7 @@ from ltlearn import (
     PRLClassifier,
     RIDEClassifier,
     SADEClassifier,
+    SHIKEClassifier,
 )
 
 ESTIMATORS = [
@@ -17,6 +18,7 @@ ESTIMATORS = [
     RIDEClassifier(max_epochs=5, device="cpu", random_state=0),
     DecoupledClassifier("crt", max_epochs=5, device="cpu", random_state=0),
     DecoupledClassifier("tau_norm", max_epochs=5, device="cpu", random_state=0),
+    SHIKEClassifier(max_epochs=5, device="cpu", random_state=0),
 ]
 
 MINI_BATCH = {
@@ -31,6 +33,7 @@ EXPECTED_FAILED_CHECKS = {
     "SADEClassifier": MINI_BATCH,
     "RIDEClassifier": MINI_BATCH,
     "DecoupledClassifier": MINI_BATCH,
+    "SHIKEClassifier": MINI_BATCH,
 }
 
 

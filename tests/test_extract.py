@@ -16,7 +16,15 @@ import torch
 
 from ltlearn.cli import main
 from ltlearn.exceptions import FeatureFileError, LtlearnError
-from ltlearn.features import CorruptImageWarning, FeatureFile, extract, merge, read_features
+from ltlearn.features import (
+    CorruptImageWarning,
+    FeatureFile,
+    extract,
+    merge,
+    read_features,
+    read_metadata,
+    write_features,
+)
 from ltlearn.features.backbones import from_module, saved_backbone
 from ltlearn.features.sources import (
     CIFARSource,
@@ -380,6 +388,11 @@ def test_cli_says_where_the_onnx_export_is_cached(folder, tmp_path, capsys, monk
     assert "delete when done" in out and str(tmp_path / "a.h5.20x20.onnx") in out
     assert main(["extract", str(folder), str(tmp_path / "b.h5"), "--engine", "torch", *common]) == 0
     assert not list(tmp_path.glob("b.h5*.onnx")) and "ONNX" not in capsys.readouterr().out
+    monkeypatch.setattr("ltlearn.features.backbones.load_backbone", lambda spec: deep_backbone())
+    assert main(["extract", str(folder), str(tmp_path / "c.h5"), "--layers", "1", *common]) == 0
+    assert FeatureFile(tmp_path / "c.h5").feature_groups == [("1", 4), ("embedding", 5)]
+    assert main(["info", str(tmp_path / "c.h5")]) == 0
+    assert '[["1", 4], ["embedding", 5]]' in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10-test-jpg.zip").exists(), reason="../shared is absent")
@@ -554,3 +567,79 @@ def test_augmented_views_are_stored_beside_the_plain_view(folder, tmp_path):
         extract(
             ImageFolderSource(folder), tiny_backbone(), tmp_path / "x.h5", views=2, verbose=False
         )
+
+
+class _SparePart(torch.nn.Module):
+    """A module with a submodule that its forward pass never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def deep_backbone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    return from_module(net, input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, name="deep")
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_layers_are_stored_with_their_names_and_widths(folder, tmp_path, engine):
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    options = dict(engine=engine, device="cpu", num_workers=0, verbose=False)
+    plain = extract(folder, deep_backbone(), tmp_path / "plain.h5", **options)
+    deep = extract(folder, deep_backbone(), tmp_path / "deep.h5", layers=["1", "3"], **options)
+    with FeatureFile(deep) as f:
+        assert f.feature_groups == [("1", 4), ("3", 5), ("embedding", 5)]
+        X, y = f.read("train")
+        embedding, _ = f.read("train", groups=["embedding"])
+        first, _ = f.read("train", groups=["1"])
+        assert f.group_columns(["3", "1"]).tolist() == [4, 5, 6, 7, 8, 0, 1, 2, 3]
+    assert read_metadata(deep)["feature_groups"] == [("1", 4), ("3", 5), ("embedding", 5)]
+    X_plain, y_plain = read_features(plain)
+    assert X.shape == (10, 14)
+    np.testing.assert_array_equal(y, y_plain)
+    np.testing.assert_allclose(embedding, X_plain, atol=2e-3)
+    # The last layer before pooling is the embedding's own input: pooled, they agree.
+    np.testing.assert_allclose(X[:, 4:9], embedding, atol=2e-3)
+    # The first layer by hand: a ReLU of a convolution, averaged over positions.
+    pixels = deep_backbone().preprocess(Image.open(folder / "ant" / "0.png").convert("RGB"))
+    pixels = pixels.unsqueeze(0)
+    expected = deep_backbone().module[:2](pixels).mean(dim=(2, 3))[0].detach().numpy()
+    row = list(FeatureFile(deep).ids("train")).index("ant/0.png")
+    np.testing.assert_allclose(first[row], expected, atol=2e-3)
+
+
+def test_layers_errors_name_the_problem(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"layers \['9'\] are not submodules of deep; .*: 0, 1"):
+        extract(folder, deep_backbone(), tmp_path / "a.h5", layers=["9"], verbose=False)
+    extract(folder, deep_backbone(), tmp_path / "b.h5", layers=["1"], engine="torch", verbose=False)
+    with pytest.raises(FeatureFileError, match="layers"):
+        extract(folder, deep_backbone(), tmp_path / "b.h5", layers=["3"], verbose=False)
+    with pytest.raises(ValueError, match="not in"):
+        FeatureFile(tmp_path / "b.h5").read("train", groups=["2"])
+    backbone = from_module(_SparePart(), input_size=16, name="spare-part")
+    with pytest.raises(LtlearnError, match=r"layers \['spare'\] of spare-part did not run"):
+        extract(
+            folder, backbone, tmp_path / "c.h5", layers=["spare"], engine="torch", verbose=False
+        )
+    # A file whose groups do not add up to its width is refused on opening.
+    write_features(
+        tmp_path / "d.h5",
+        {"train": (np.ones((2, 3)), [0, 1])},
+        classes=["a", "b"],
+        attrs={"feature_groups": '[["x", 1], ["embedding", 1]]'},
+    )
+    with pytest.raises(FeatureFileError, match="add up to 2 columns, but split 'train' has 3"):
+        FeatureFile(tmp_path / "d.h5")

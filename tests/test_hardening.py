@@ -21,6 +21,7 @@ from ltlearn import (
     PRLClassifier,
     RIDEClassifier,
     SADEClassifier,
+    SHIKEClassifier,
 )
 from ltlearn.exceptions import FeatureFileError, TrainingDivergedError
 from ltlearn.features import FeatureFile, FeatureWriter, read_features, write_features
@@ -164,6 +165,7 @@ ESTIMATORS = {
     "sade": lambda: SADEClassifier(max_epochs=3, **FAST),
     "ride": lambda: RIDEClassifier(adapter_size=4, max_epochs=3, **FAST),
     "decoupled_lws": lambda: DecoupledClassifier("lws", max_epochs=3, **FAST),
+    "shike": lambda: SHIKEClassifier(adapter_size=4, max_epochs=3, **FAST),
 }
 
 magnitudes = st.sampled_from([1.0, 1e-40, 1e-30, 1e-8, 1e8, 1e20, 1e30, 1e38, 3e38])

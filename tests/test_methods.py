@@ -5,9 +5,21 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ltlearn import DecoupledClassifier, RIDEClassifier
+from ltlearn import (
+    BalancedSoftmaxClassifier,
+    DecoupledClassifier,
+    RIDEClassifier,
+    SHIKEClassifier,
+)
 from ltlearn.decoupled import ScaledHead, TauNormalizedHead
-from ltlearn.losses import LDAMLoss, LogitAdjustedLoss, RIDELoss, effective_number_weights
+from ltlearn.heads import GroupedL2Normalizer
+from ltlearn.losses import (
+    LDAMLoss,
+    LogitAdjustedLoss,
+    RIDELoss,
+    SHIKELoss,
+    effective_number_weights,
+)
 
 FAST = dict(device="cpu", random_state=0)
 
@@ -116,3 +128,71 @@ def test_ldam_drw_option_of_ride(blobs):
     assert model.criterion_.base.reweight_from is not None
     X_test, y_test = blobs([300] * 4)
     assert np.mean(model.predict(X_test) == y_test) > 0.5
+
+
+def test_shike_hardest_negative_and_distillation_by_hand():
+    # 2 experts, 1 sample of class 0, 4 classes.
+    logits = torch.tensor([[[3.0, 2.0, 0.0, 1.0]], [[1.0, 0.0, 2.0, 1.5]]])
+    target = torch.tensor([0])
+    # Mean logits of the non-targets: 1.0, 1.0, 1.25 -> class 3 is the hardest negative.
+    # The teacher: the largest expert logit (2.0 for class 1, 2.0 for class 2), but the
+    # mean (1.25) at class 3, and nothing at the target.
+    teacher = SHIKELoss.teacher_logits(logits, target)
+    np.testing.assert_allclose(teacher[0, 1:].numpy(), [2.0, 2.0, 1.25])
+    q = np.exp([2.0, 2.0, 1.25]) / np.exp([2.0, 2.0, 1.25]).sum()
+
+    def non_target(z):
+        p = np.exp(z[1:]) / np.exp(z[1:]).sum()
+        return p
+
+    def kl(a, b):
+        return float((a * np.log(a / b)).sum())
+
+    z = logits[:, 0].numpy()
+    p = [np.exp(e) / np.exp(e).sum() for e in z]
+    ce = sum(-np.log(pi[0]) for pi in p)
+    transfer = sum(kl(q, non_target(e)) for e in z)
+    distillation = kl(p[1], p[0]) + kl(p[0], p[1])
+    base = LogitAdjustedLoss(torch.full((4,), 0.25), tau=0.0)
+    loss = SHIKELoss(base, distillation=0.3, transfer=2.0)
+    expected = ce + 0.3 * distillation + 2.0 * transfer
+    assert loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
+    # The teacher holds still: gradients reach each expert only through its own terms.
+    logits.requires_grad_(True)
+    SHIKELoss(base, distillation=0.0, transfer=1.0)(logits, target).backward()
+    assert torch.all(logits.grad[:, 0, 0] < 0)  # the target pushed up in both experts
+
+
+def test_grouped_l2_normalises_each_group():
+    x = torch.tensor([[3.0, 4.0, 1e6, 0.0, 0.0]])
+    out = GroupedL2Normalizer([2, 3])(x)
+    np.testing.assert_allclose(out[0, :2].norm().item(), np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(out[0, 2:].numpy(), [np.sqrt(3), 0.0, 0.0], rtol=1e-6)
+
+
+def test_shike_fuses_depths_and_rebalances(blobs):
+    X, y = blobs([1000, 300, 100, 30])
+    X_test, y_test = blobs([300] * 4)
+    rng = np.random.default_rng(1)
+    # A "shallow" layer: a noisy copy of the class signal, 8 columns.
+    shallow, shallow_test = (rng.normal(size=(len(a), 8)) + a[:, :8] for a in (X, X_test))
+    Xd, Xd_test = np.hstack([shallow, X]), np.hstack([shallow_test, X_test])
+    groups = [("layer", 8), ("embedding", 16)]
+    model = SHIKEClassifier(feature_groups=groups, adapter_size=8, **FAST).fit(Xd, y)
+    assert model.feature_widths_ == [8, 16]
+    predicted = model.predict(Xd_test)
+    assert np.mean(predicted == y_test) > 0.65  # chance: 0.25; Balanced Softmax: 0.74
+    # Re-balanced: the rarest class is found far more often than plain cross-entropy finds it.
+    plain = BalancedSoftmaxClassifier(tau=0.0, **FAST).fit(Xd, y).predict(Xd_test)
+    assert np.mean(predicted[y_test == 3] == 3) > np.mean(plain[y_test == 3] == 3) + 0.2
+    # Predictions are the mean of the re-trained experts' logits.
+    heads = model.module_.head.experts
+    Z = model.module_.normalizer(torch.as_tensor(Xd_test, dtype=torch.float32))
+    np.testing.assert_allclose(
+        model.decision_function(Xd_test), heads(Z).mean(0).detach().numpy(), atol=1e-5
+    )
+    assert len(model.second_stage_history_) > 0
+    with pytest.raises(ValueError, match="adding up to 20; X has 24 features"):
+        SHIKEClassifier(feature_groups=[4, 16], **FAST).fit(Xd, y)
+    with pytest.raises(ValueError, match="widths or \\(name, width\\) pairs"):
+        SHIKEClassifier(feature_groups=["a", "b"], **FAST).fit(Xd, y)

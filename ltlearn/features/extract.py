@@ -12,6 +12,7 @@ of HDF5 virtual data sets, without copying the features.
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 import time
 import warnings
@@ -233,13 +234,18 @@ class _Embedding(torch.nn.Module):
 
     With ``resize``, its input is a uint8 batch that the module resizes and
     normalises first (:class:`~ltlearn.features.resize.ResizeNormalize`).
+    With ``layers``, the pooled outputs of those submodules come first, side
+    by side, then the embedding; ``widths`` holds each part's width after a
+    forward pass.
     """
 
-    def __init__(self, backbone, resize=None):
+    def __init__(self, backbone, resize=None, layers=()):
         super().__init__()
         self.module = backbone.module
         self.backbone = backbone
         self.resize = resize
+        self.layers = list(layers)
+        self.widths = None
 
     def forward(self, x):
         if self.resize is not None:
@@ -249,23 +255,89 @@ class _Embedding(torch.nn.Module):
                     x = self.resize(x)
             else:
                 x = self.resize(x)
-        return self.backbone.embed(x)
+        if not self.layers:
+            return self.backbone.embed(x)
+        taken = {}
+        # Hooks live for one pass only: the caller's module is left as it was.
+        handles = [
+            self.module.get_submodule(name).register_forward_hook(
+                lambda module, args, output, name=name: taken.setdefault(name, output)
+            )
+            for name in self.layers
+        ]
+        try:
+            embedding = self.backbone.embed(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in self.layers if name not in taken]
+        if missing:
+            raise LtlearnError(
+                f"layers {missing} of {self.backbone.name} did not run in its forward pass."
+            )
+        parts = [_pooled(taken[name], name) for name in self.layers] + [embedding]
+        self.widths = [int(part.shape[1]) for part in parts]
+        return torch.cat([part.to(embedding.dtype) for part in parts], dim=1)
+
+
+def _pooled(output, name):
+    """A layer's output as one vector per image: averaged over positions or tokens."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if output.ndim == 4:  # (n, C, H, W)
+        return output.mean(dim=(2, 3))
+    if output.ndim == 3:  # (n, tokens, C)
+        return output.mean(dim=1)
+    if output.ndim == 2:
+        return output
+    raise LtlearnError(
+        f"layer {name!r} returned a tensor of shape {tuple(output.shape)}; expected "
+        "(n, C, H, W), (n, tokens, C) or (n, C)."
+    )
+
+
+def _check_layers(backbone, layers):
+    """The requested layer names, checked against the backbone's submodules."""
+    if layers is None:
+        return []
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not isinstance(backbone.module, torch.nn.Module):
+        raise ValueError(f"layers= needs a torch.nn.Module backbone; {backbone.name} is not one.")
+    names = [name for name, _ in backbone.module.named_modules() if name]
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
+        raise ValueError(
+            f"layers {unknown} are not submodules of {backbone.name}; its submodules are: {shown}."
+        )
+    if len(set(layers)) != len(layers) or "embedding" in layers:
+        raise ValueError(f"layers must be distinct submodule names; got {layers}.")
+    return layers
 
 
 class _Engines:
     """How each batch is embedded: float batches as preprocessed, uint8 ones per image size."""
 
-    def __init__(self, backbone, device, onnx, onnx_path, strict):
+    def __init__(self, backbone, device, onnx, onnx_path, strict, layers=()):
         self.backbone, self.device = backbone, device
         self.onnx, self.onnx_path, self.strict = onnx, onnx_path, strict
+        self.layers = layers
         self.spec = getattr(backbone.preprocess, "resize_spec", lambda: None)()
         self.by_key = {}
+        self.modules = []
 
     def __call__(self, batch):
         key = tuple(batch.shape[-2:]) if batch.dtype == torch.uint8 else "float"
         if key not in self.by_key:
             self.by_key[key] = self._make(key)
         return self.by_key[key](batch)
+
+    @property
+    def widths(self):
+        """Widths of the layers and the embedding, once a torch pass has run."""
+        return next((m.widths for m in self.modules if m.widths is not None), None)
 
     def _make(self, key):
         resize = None
@@ -274,7 +346,8 @@ class _Engines:
             size, scale, shift = self.spec
             resize = ResizeNormalize(key, size, scale, shift).to(self.device)
             path = path.with_name(f"{path.stem}.{key[0]}x{key[1]}{path.suffix}")
-        module = _Embedding(self.backbone, resize)
+        module = _Embedding(self.backbone, resize, self.layers)
+        self.modules.append(module)
         if not self.onnx:
             return module
         return _OnnxRuntime(module, path, strict=self.strict, name=self.backbone.name)
@@ -307,6 +380,7 @@ def extract(
     engine="auto",
     views=0,
     view_transform=None,
+    layers=None,
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -379,12 +453,42 @@ def extract(
         PIL image -> PIL image, a random augmentation (e.g. a torchvision
         ``RandomResizedCrop``); required when ``views > 0``. It draws from
         the worker processes' random state, so views are not reproducible.
+    layers : sequence of str, default=None
+        Names of submodules of the backbone's module (as in
+        ``module.named_modules()``, e.g. ``"model._blocks.10"`` for
+        EfficientNet-Lite0's fifth stage) whose outputs are stored besides the
+        embedding, each averaged over its spatial positions (or tokens): the
+        row becomes ``[layer 1 | layer 2 | ... | embedding]``, and the file
+        records each part's name and width (:attr:`FeatureFile.feature_groups`;
+        ``FeatureFile.read(split, groups=[...])`` reads some of them), for
+        estimators that use several depths (:class:`ltlearn.SHIKEClassifier`).
     verbose : bool, default=True
         Progress bar with rate and time left.
 
     Returns
     -------
     path : pathlib.Path
+
+    Examples
+    --------
+    A multi-depth file from a small random network (any ``torch.nn.Module``
+    works through :func:`~ltlearn.features.backbones.from_module`):
+
+    >>> import tempfile, os, torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from ltlearn.features import FeatureFile
+    >>> from ltlearn.features.backbones import from_module
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+    ...                           torch.nn.Conv2d(4, 6, 3), torch.nn.AdaptiveAvgPool2d(1))
+    >>> class Images(TensorDataset):
+    ...     classes = ["a", "b"]
+    >>> images = Images(torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1]))
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> _ = extract(images, from_module(net, preprocess=lambda x: x), path,
+    ...             layers=["1"], engine="torch", verbose=False)
+    >>> with FeatureFile(path) as f:
+    ...     print(f.feature_groups, f.read("train", groups=["embedding"])[0].shape)
+    [('1', 4), ('embedding', 6)] (5, 6)
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
@@ -407,12 +511,15 @@ def extract(
             "backbone must be a Backbone (ltlearn.features.backbones) or a backbone name such "
             f"as 'efficientnet-lite0'; got {type(backbone).__name__}."
         )
+    layers = _check_layers(backbone, layers)
     split = split or getattr(source, "prefix", "") or "train"
     path = Path(path)
     device = resolve_device(device)
     ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]
     start, stop = _shard_range(len(source), shard)
     attrs = backbone.provenance()
+    if layers:
+        attrs["layers"] = json.dumps(layers)
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
     mode = "w" if overwrite else "a"
@@ -445,6 +552,7 @@ def extract(
             onnx=_use_onnxruntime(engine, device, backbone),
             onnx_path=path.with_name(path.name + ".onnx"),
             strict=engine == "onnxruntime",
+            layers=layers,
         )
         autocast = (
             torch.autocast("cuda", dtype=torch.float16)
@@ -475,6 +583,9 @@ def extract(
                         batch = batch.to(device, non_blocking=True)
                         with autocast:
                             features = embed(batch).float().cpu().numpy()
+                        if layers and embed.widths is not None:
+                            names = [*layers, "embedding"]
+                            writer.set_feature_groups(zip(names, embed.widths, strict=True))
                         extra = None
                         if views:
                             features = features.reshape(len(rows), views + 1, -1)

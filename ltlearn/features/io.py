@@ -1,17 +1,25 @@
 """The HDF5 layout of ltlearn feature files.
 
-======================  ===========================  ==========================================
-path                    shape, dtype                 meaning
-======================  ===========================  ==========================================
-``/classes``            (n_classes,) UTF-8 strings   class names in label order
-``/<split>/features``   (n, d) float16 or float32    one embedding per row, chunked, compressed
-``/<split>/labels``     (n,) int64                   index into ``/classes``
-``/<split>/ids``        (n,) UTF-8 strings           optional: where each row came from
-``/<split>/views``      (n, k, d) like features      optional: embeddings of k augmented views
-``/<split>`` attribute  ``n_rows``                   rows written and complete in that split
-``/<split>`` attribute  ``items_done``, ``skipped``  extraction progress and skipped image ids
-root attributes         strings                      provenance: ``backbone``, ``weights``, ...
-======================  ===========================  ==========================================
+=========================  ================================  ===================================
+path                       shape, dtype                      meaning
+=========================  ================================  ===================================
+``/classes``               (n_classes,) UTF-8 strings        class names in label order
+``/<split>/features``      (n, d) float16 or float32         one embedding per row, chunked,
+                                                             compressed
+``/<split>/labels``        (n,) int64                        index into ``/classes``
+``/<split>/ids``           (n,) UTF-8 strings                optional: where each row came from
+``/<split>/views``         (n, k, d) like features           optional: embeddings of k augmented
+                                                             views
+``/<split>`` attribute     ``n_rows``                        rows written and complete in that
+                                                             split
+``/<split>`` attribute     ``items_done``, ``skipped``       extraction progress and skipped
+                                                             image ids
+root attributes            strings                           provenance: ``backbone``,
+                                                             ``weights``, ...
+root ``feature_groups``    JSON ``[[name, width], ...]``     optional: the columns hold several
+                                                             layers' pooled outputs side by
+                                                             side, in this order
+=========================  ================================  ===================================
 
 Rows past ``n_rows`` were being written when a writer stopped; readers never
 return them and an appending writer overwrites them, which makes writing
@@ -19,6 +27,7 @@ resumable.
 """
 
 import datetime
+import json
 import os
 from pathlib import Path
 
@@ -78,6 +87,11 @@ class FeatureFile:
         Provenance attributes of the file.
     splits : list of str
         Names of the splits (``"train"``, ``"test"``, ...).
+    feature_groups : list of (str, int) or None
+        When the columns hold several layers of the backbone side by side
+        (``extract(..., layers=...)``): each group's name and width, in
+        column order, the final embedding (``"embedding"``) last. None for
+        a single embedding.
 
     Examples
     --------
@@ -129,8 +143,24 @@ class FeatureFile:
                 "is an HDF5 file but not an ltlearn feature file: no group holds both "
                 "'features' and 'labels'"
             )
+        self.feature_groups = self._parse_feature_groups()
         for split in self.splits:
             self._check_split(split)
+
+    def _parse_feature_groups(self):
+        text = self.attrs.get("feature_groups")
+        if text is None:
+            return None
+        try:
+            groups = [(str(name), int(width)) for name, width in json.loads(text)]
+        except (TypeError, ValueError) as exc:
+            raise self._error(
+                f"has an unreadable 'feature_groups' attribute {text!r} ({exc}); expected JSON "
+                "[[name, width], ...]"
+            ) from exc
+        if not groups or any(width < 1 for _, width in groups):
+            raise self._error(f"has a 'feature_groups' attribute without groups: {text!r}")
+        return groups
 
     def _check_split(self, split):
         group = self._file[split]
@@ -144,6 +174,13 @@ class FeatureFile:
         for name in ("ids", "views"):
             if name in group:
                 lengths[name] = group[name].shape[0]
+        if self.feature_groups is not None:
+            width = sum(w for _, w in self.feature_groups)
+            if features.shape[1] != width:
+                raise self._error(
+                    f"is corrupt: its feature groups {self.feature_groups} add up to {width} "
+                    f"columns, but split '{split}' has {features.shape[1]}"
+                )
         short = {k: v for k, v in lengths.items() if v < n_rows}
         if short:
             raise self._error(
@@ -185,7 +222,33 @@ class FeatureFile:
         stop = n_rows if stop is None else min(stop, n_rows)
         return slice(start, max(start, stop))
 
-    def read(self, split="train", *, start=None, stop=None, dtype=np.float32):
+    def group_columns(self, groups):
+        """Column indices of the named feature groups, in the order given.
+
+        Parameters
+        ----------
+        groups : sequence of str
+            Names from :attr:`feature_groups`.
+
+        Returns
+        -------
+        columns : ndarray of int
+        """
+        if self.feature_groups is None:
+            raise self._error(
+                "has no feature groups (one embedding per row); extract with layers=[...] "
+                "to store several layers"
+            )
+        names = [name for name, _ in self.feature_groups]
+        bounds = np.cumsum([0] + [width for _, width in self.feature_groups])
+        unknown = [g for g in groups if g not in names]
+        if unknown:
+            raise ValueError(f"Feature groups {unknown} are not in {str(self.path)!r}: {names}.")
+        return np.concatenate(
+            [np.arange(bounds[names.index(g)], bounds[names.index(g) + 1]) for g in groups]
+        )
+
+    def read(self, split="train", *, start=None, stop=None, dtype=np.float32, groups=None):
         """Features and labels of rows ``start:stop`` of a split.
 
         Parameters
@@ -195,6 +258,9 @@ class FeatureFile:
             Row range, clipped to the complete rows.
         dtype : numpy dtype, default=np.float32
             Type of the returned features.
+        groups : sequence of str, default=None
+            Only the columns of these feature groups (see
+            :attr:`feature_groups`), in this order; None reads every column.
 
         Returns
         -------
@@ -203,6 +269,8 @@ class FeatureFile:
         """
         rows = self._rows(split, start, stop)
         X = self._read(split, "features", rows, dtype)
+        if groups is not None:
+            X = X[:, self.group_columns(groups)]
         y = self._read(split, "labels", rows)
         if not np.issubdtype(y.dtype, np.integer):
             whole = np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
@@ -303,7 +371,8 @@ def read_metadata(path):
     -------
     metadata : dict
         ``classes`` (list of str), ``splits`` (dict of split name to
-        ``{"n_rows", "n_features", "dtype", "has_ids"}``) and ``attrs`` (dict).
+        ``{"n_rows", "n_features", "dtype", "has_ids"}``), ``attrs`` (dict) and
+        ``feature_groups`` (see :attr:`FeatureFile.feature_groups`).
 
     Examples
     --------
@@ -325,7 +394,12 @@ def read_metadata(path):
             }
             for s in f.splits
         }
-        return {"classes": f.classes, "splits": splits, "attrs": f.attrs}
+        return {
+            "classes": f.classes,
+            "splits": splits,
+            "attrs": f.attrs,
+            "feature_groups": f.feature_groups,
+        }
 
 
 def _remove_stale_temporaries(target):
@@ -456,6 +530,22 @@ class FeatureWriter:
                     f"{key}={stored!r}, this writer has {key}={value!r}. "
                     "Write to a new file instead."
                 )
+
+    def set_feature_groups(self, groups):
+        """Record that the columns are several layers side by side: ``[(name, width), ...]``.
+
+        A file that already records other groups is refused: features of
+        other layers are never mixed into a file.
+        """
+        value = json.dumps([[str(name), int(width)] for name, width in groups])
+        stored = _decode(self._file.attrs.get("feature_groups", value))
+        if stored != value:
+            raise FeatureFileError(
+                f"Refusing to write to {str(self.path)!r}: it holds the feature groups "
+                f"{stored}, this writer has {value}. Write to a new file instead."
+            )
+        self._file.attrs["feature_groups"] = value
+        self._file.flush()
 
     def n_rows(self, split):
         """Complete rows of ``split`` so far (0 for a split not yet written)."""
