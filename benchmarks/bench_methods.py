@@ -177,6 +177,9 @@ def main():
     parser.add_argument("--ir", type=float, nargs="+", default=[100, 50, 10])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
+        "--only", help="run only the models whose name contains this (and the baseline)"
+    )
+    parser.add_argument(
         "--select-shike",
         action="store_true",
         help="print the validation runs behind SHIKE's defaults",
@@ -204,7 +207,7 @@ def main():
             [SHIKE_LAYERS],
             [
                 {"distillation": 0.0, "transfer": 0.0},
-                {"distillation": 0.1, "transfer": 1.0},
+                {"distillation": 0.01, "transfer": 0.1},
                 {"distillation": 1.0, "transfer": 1.0},
                 {"adapter_size": 64},
             ],
@@ -230,7 +233,12 @@ def main():
     for ir in args.ir:
         first = long_tailed_subset(y_pool, ir, random_state=0)
         C = tune_C(X_pool[first], y_pool[first], seed=0)
-        names = ["LogisticRegression, C tuned + post-hoc LA", *MODELS, *depth_models]
+        if args.only:
+            models = {k: v for k, v in MODELS.items() if args.only in k}
+            depth_models = {k: v for k, v in depth_models.items() if args.only in k}
+        else:
+            models = MODELS
+        names = ["LogisticRegression, C tuned + post-hoc LA", *models, *depth_models]
         results = {name: [] for name in names}
         experts = []
         for seed in range(args.seeds):
@@ -243,7 +251,7 @@ def main():
             lr_seconds = time.perf_counter() - start
             row = evaluate(lr, X_test, y_test, subsets, groups)
             results["LogisticRegression, C tuned + post-hoc LA"].append({**row, "fit / LR": 1.0})
-            runs = [(name, make, X, X_test) for name, make in MODELS.items()]
+            runs = [(name, make, X, X_test) for name, make in models.items()]
             runs += [(name, make, D_pool[idx], D_test) for name, make in depth_models.items()]
             for name, make, X_fit, X_eval in runs:
                 start = time.perf_counter()
@@ -272,7 +280,8 @@ def main():
                     f"{scale * values.mean():.{digits}f} ({scale * values.std():.{digits}f})"
                 )
             print(f"| {name} | " + " | ".join(cells) + " |")
-        print(f"\nRIDE's router used {np.mean(experts):.2f} of 3 experts on average.")
+        if experts:
+            print(f"\nRIDE's router used {np.mean(experts):.2f} of 3 experts on average.")
 
 
 if __name__ == "__main__":

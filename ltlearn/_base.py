@@ -21,10 +21,21 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from ltlearn._optimizers import OPTIMIZERS
-from ltlearn._training import LR_SCHEDULES, fit_module, resolve_device, torch_generator
+from ltlearn._training import (
+    LR_SCHEDULES,
+    StreamedInputs,
+    fit_module,
+    resolve_device,
+    torch_generator,
+)
 from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 
@@ -51,6 +62,20 @@ def _float_tensor(X):
         # Read-only inputs (memory maps) are only read here, never written.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(X)
+
+
+def _as_feature_split(X):
+    """``X`` as a FeatureSplit when it is one or an h5py data set (streamed), else None."""
+    module = type(X).__module__
+    if not (module.startswith("h5py") or module.startswith("ltlearn.features")):
+        return None  # no need to import h5py for arrays
+    from ltlearn.features.io import FeatureSplit
+
+    if isinstance(X, FeatureSplit):
+        return X
+    import h5py
+
+    return FeatureSplit(X) if isinstance(X, h5py.Dataset) else None
 
 
 def _resolve_schedule(lr, batch_size, max_epochs, n_samples, n_features):
@@ -243,16 +268,24 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         return tags
 
+    #: Whether ``fit`` can stream ``X`` from a feature file: estimators whose later
+    #: training stages revisit chosen rows in memory set this to False.
+    _streamable = True
+
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Fit the head on features ``X`` and labels ``y``.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Feature vectors, e.g. frozen embeddings.
+        X : array-like of shape (n_samples, n_features), FeatureSplit or h5py.Dataset
+            Feature vectors, e.g. frozen embeddings. A split of a feature
+            file (``FeatureFile(path)["train"]``) or an h5py data set is
+            streamed from disk in shuffled blocks (out-of-core fitting):
+            memory holds a few blocks, not the file.
         y : array-like of shape (n_samples,)
-            Class labels (numbers or strings).
+            Class labels (numbers or strings); may be omitted when ``X`` is a
+            ``FeatureSplit``, whose labels are used.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples in the loss; the class prior
             used by the loss is computed from the weighted class totals.
@@ -264,7 +297,11 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         device = resolve_device(self.device)
         self.reset_adaptation()
-        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        split = _as_feature_split(X)
+        if split is None:
+            X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        else:
+            X, y = split, self._streamed_labels(split, y)
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -293,10 +330,14 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.lr, self.batch_size, self.max_epochs, *X.shape
         )
         generator = torch_generator(check_random_state(self.random_state))
-        X_t = _float_tensor(X)
-        normalizer = self._make_normalizer(X_t)
-        with torch.no_grad():
-            Z = normalizer(X_t)
+        if split is None:
+            X_t = _float_tensor(X)
+            normalizer = self._make_normalizer(X_t)
+            with torch.no_grad():
+                Z = normalizer(X_t)
+        else:
+            normalizer = self._make_normalizer(split)
+            Z = StreamedInputs(split, normalizer)
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
         n_steps = max_epochs * math.ceil(len(X) / min(batch_size, len(X)))
         criterion = self._make_criterion(prior, n_steps)
@@ -318,13 +359,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 lr_schedule=self.lr_schedule,
             )
             settings.update(kw)
-            picked = slice(None) if rows is None else torch.as_tensor(rows)
+            inputs, targets, weights = Z, y_t, w_t
+            if rows is not None:
+                rows = torch.as_tensor(rows)
+                inputs, targets, weights = Z[rows], y_t[rows], w_t[rows]
             return fit_module(
                 module,
                 criterion,
-                Z[picked],
-                y_t[picked],
-                sample_weight=w_t[picked],
+                inputs,
+                targets,
+                sample_weight=weights,
                 balanced_sampling=balanced_sampling,
                 device=device,
                 generator=generator,
@@ -339,6 +383,25 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.criterion_ = criterion
         self.device_ = str(device)
         return self
+
+    def _streamed_labels(self, split, y):
+        """``y`` for rows streamed from ``split``, checked; the split's labels when None."""
+        if not self._streamable:
+            raise ValueError(
+                f"{type(self).__name__} needs X in memory: its later training stages revisit "
+                f"chosen rows. Read the split first, e.g. X, y = FeatureFile(path).read(split); "
+                f"got {split!r}."
+            )
+        if y is None:
+            if split.labels is None:
+                raise ValueError(f"y is needed: {split.name} comes without labels.")
+            y = split.labels
+        y = column_or_1d(y, warn=True)
+        if len(y) != split.shape[0]:
+            raise ValueError(f"y has {len(y)} labels; {split!r} has {split.shape[0]} rows.")
+        self.n_features_in_ = split.shape[1]
+        self.__dict__.pop("feature_names_in_", None)
+        return y
 
     def _logits(self, X, *args):
         """Raw logits of validated ``X`` as a float32 array, computed on the CPU.

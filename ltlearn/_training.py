@@ -74,6 +74,78 @@ def _make_schedule(name, total_steps):
     return factor
 
 
+class StreamedInputs:
+    """Training rows read block by block from a :class:`~ltlearn.features.FeatureSplit`.
+
+    Each epoch visits the split's HDF5 chunks in an order drawn from the
+    fit's generator (file order when all fit in one block, which then
+    trains exactly as the same rows in memory would), normalises each block
+    with ``transform`` and hands it to the loop with its row indices.
+    """
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+        self.n_samples = split.shape[0]
+
+    def epoch(self, generator):
+        n_chunks = len(self.split.chunk_slices())
+        order = None
+        if n_chunks > self.split.block_chunks:
+            order = torch.randperm(n_chunks, generator=generator).tolist()
+        for rows, X in self.split.blocks(order):
+            if not np.isfinite(X).all():
+                bad = rows[~np.isfinite(X).all(axis=1)]
+                raise ValueError(
+                    f"{self.split.name} holds NaN or infinite features in rows "
+                    f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}."
+                )
+            with torch.no_grad():
+                Z = self.transform(torch.from_numpy(X))
+            yield torch.from_numpy(rows), Z
+
+
+def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device):
+    """Mini-batches ``(X, y, w)`` of one epoch: shuffled, or class-balanced when drawn."""
+    if isinstance(X, torch.Tensor):
+        n_samples = X.shape[0]
+        if draw_weights is not None:
+            order = torch.multinomial(
+                draw_weights, n_samples, replacement=True, generator=generator
+            )
+        else:
+            order = torch.randperm(n_samples, generator=generator)
+        order = order.to(device)
+        for start in range(0, n_samples, batch_size):
+            idx = order[start : start + batch_size]
+            # index_select: several times faster than X[idx] for row gathers on CPU.
+            w = None if sample_weight is None else sample_weight.index_select(0, idx)
+            yield X.index_select(0, idx), y.index_select(0, idx), w
+        return
+    # Streamed: shuffled (or drawn) within each block, and rows left over at the end
+    # of a block go into the next batch, so that every batch but the last is full.
+    rows_left, Z_left = None, None
+    for rows, Z in X.epoch(generator):
+        if draw_weights is not None:
+            pick = torch.multinomial(
+                draw_weights[rows], len(rows), replacement=True, generator=generator
+            )
+        else:
+            pick = torch.randperm(len(rows), generator=generator)
+        rows, Z = rows[pick], Z[pick]
+        if rows_left is not None:
+            rows, Z = torch.cat([rows_left, rows]), torch.cat([Z_left, Z])
+        full = len(rows) - len(rows) % batch_size
+        for start in range(0, full, batch_size):
+            idx = rows[start : start + batch_size].to(device)
+            w = None if sample_weight is None else sample_weight.index_select(0, idx)
+            yield Z[start : start + batch_size].to(device), y.index_select(0, idx), w
+        rows_left, Z_left = rows[full:], Z[full:]
+    if rows_left is not None and len(rows_left):
+        idx = rows_left.to(device)
+        w = None if sample_weight is None else sample_weight.index_select(0, idx)
+        yield Z_left.to(device), y.index_select(0, idx), w
+
+
 def fit_module(
     module,
     criterion,
@@ -96,8 +168,9 @@ def fit_module(
 ):
     """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
 
-    The whole training set is moved to ``device`` once and mini-batches are
-    gathered there, so a step costs a few kernel launches and no host transfer.
+    An in-memory training set is moved to ``device`` once and mini-batches are
+    gathered there, so a step costs a few kernel launches and no host transfer;
+    a streamed one sends each batch.
     The module comes back on the CPU in eval mode, ready to pickle anywhere.
 
     Parameters
@@ -106,8 +179,9 @@ def fit_module(
         Trained in place.
     criterion : torch.nn.Module
         Called as ``criterion(output, target, sample_weight)``, returns a scalar.
-    X : torch.Tensor of shape (n_samples, n_features)
-        Training inputs (already normalised).
+    X : torch.Tensor of shape (n_samples, n_features) or StreamedInputs
+        Training inputs (already normalised), or rows streamed from a feature
+        file (normalised block by block).
     y : torch.Tensor of shape (n_samples,)
         Integer class indices.
     sample_weight : torch.Tensor of shape (n_samples,), optional
@@ -145,14 +219,18 @@ def fit_module(
     device = torch.device("cpu") if device is None else device
     module.to(device).train()
     criterion.to(device)
-    X, y = X.to(device), y.to(device)
+    streamed = isinstance(X, StreamedInputs)
+    n_samples = X.n_samples if streamed else X.shape[0]
+    if not streamed:
+        X = X.to(device)
+    y = y.to(device)
     if sample_weight is not None:
         sample_weight = sample_weight.to(device)
-    n_samples = X.shape[0]
     batch_size = min(batch_size, n_samples)
     steps_per_epoch = math.ceil(n_samples / batch_size)
     opt = _make_optimizer(optimizer, module, weight_decay)
     schedule = _make_schedule(lr_schedule, steps_per_epoch * max_epochs)
+    draw_weights = None
     if balanced_sampling:
         class_sizes = torch.bincount(y).to(torch.float32)
         draw_weights = (1.0 / class_sizes[y]).cpu()
@@ -160,20 +238,11 @@ def fit_module(
     history = []
     epochs = tqdm(range(max_epochs), desc=desc, disable=not verbose, leave=False, unit="epoch")
     for _ in epochs:
-        if balanced_sampling:
-            order = torch.multinomial(
-                draw_weights, n_samples, replacement=True, generator=generator
-            )
-        else:
-            order = torch.randperm(n_samples, generator=generator)
-        order = order.to(device)
         # Summed on the device: one host sync per epoch, not one per step.
         total = torch.zeros((), device=device)
-        for start in range(0, n_samples, batch_size):
-            idx = order[start : start + batch_size]
-            # index_select: several times faster than X[idx] for row gathers on CPU.
-            w = None if sample_weight is None else sample_weight.index_select(0, idx)
-            loss = criterion(module(X.index_select(0, idx)), y.index_select(0, idx), w)
+        batches = _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device)
+        for X_batch, y_batch, w in batches:
+            loss = criterion(module(X_batch), y_batch, w)
             opt.zero_grad()
             loss.backward()
             opt.step(lr * schedule(opt.steps))

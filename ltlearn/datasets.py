@@ -4,6 +4,7 @@ The functions return indices into the data, so they work for any array, an
 HDF5 data set or a list of image paths alike.
 """
 
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -18,6 +19,7 @@ __all__ = [
     "load_long_tailed_digits",
     "long_tail_counts",
     "long_tailed_subset",
+    "make_long_tailed_embeddings",
     "shifted_test_subsets",
     "train_val_split",
 ]
@@ -340,3 +342,106 @@ def load_long_tailed_digits(*, imbalance_ratio=10, random_state=0):
         target_names=np.arange(10),
         class_counts=np.bincount(y_train[keep], minlength=10),
     )
+
+
+@validate_params(
+    {
+        "n_samples": [Interval(Integral, 1, None, closed="left")],
+        "n_features": [Interval(Integral, 1, None, closed="left")],
+        "n_classes": [Interval(Integral, 2, None, closed="left")],
+        "imbalance_ratio": [Interval(Real, 1, None, closed="left")],
+        "noise": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+        "path": [str, os.PathLike, None],
+        "block_rows": [Interval(Integral, 1, None, closed="left")],
+    },
+    prefer_skip_nested_validation=True,
+)
+def make_long_tailed_embeddings(
+    n_samples,
+    n_features,
+    n_classes,
+    *,
+    imbalance_ratio=100,
+    noise=1.0,
+    random_state=None,
+    path=None,
+    block_rows=65536,
+):
+    """Synthetic long-tailed embeddings: class means on a sphere plus Gaussian noise.
+
+    Shaped like real embedding sets for scale tests (ImageNet-LT: 115,846 x
+    1,024, 1,000 classes, imbalance 256; iNaturalist 2018: 437,513 rows, 8,142
+    classes, imbalance 500). Class sizes follow the exponential profile
+    (:func:`long_tail_counts`), scaled to ``n_samples`` rows in all; rows come
+    in a random order. Each row is ``m_y + noise * e``, with ``m_y`` a random
+    unit vector and ``e`` Gaussian with norm about one. Rows are generated in
+    blocks from seeds derived from ``random_state``, so a file and an array
+    of the same arguments hold the same values (up to the file's float16).
+
+    Parameters
+    ----------
+    n_samples, n_features, n_classes : int
+    imbalance_ratio : float, default=100
+        Largest over smallest class size.
+    noise : float, default=1.0
+        Norm of the noise relative to the class means'.
+    random_state : int, RandomState instance or None, default=None
+    path : str or path-like, default=None
+        Write a feature file (split ``"train"``, float16) block by block
+        instead of returning arrays: the data never has to fit in memory.
+    block_rows : int, default=65536
+        Rows generated (and written) at a time.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features) of float32
+    y : ndarray of shape (n_samples,) of int64
+        Or, with ``path``, the path of the feature file.
+
+    Examples
+    --------
+    >>> X, y = make_long_tailed_embeddings(1000, 8, 5, imbalance_ratio=10, random_state=0)
+    >>> X.shape, np.bincount(y).tolist()
+    ((1000, 8), [466, 260, 146, 82, 46])
+    """
+    rng = check_random_state(random_state)
+    n_max = _largest_class_for(n_samples, n_classes, imbalance_ratio)
+    counts = long_tail_counts(n_max, n_classes, imbalance_ratio)
+    counts[0] += n_samples - counts.sum()
+    y = rng.permutation(np.repeat(np.arange(n_classes), counts))
+    means = rng.standard_normal((n_classes, n_features))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+
+    def block(start):
+        stop = min(start + block_rows, n_samples)
+        block_rng = np.random.default_rng([seed, start])
+        e = block_rng.standard_normal((stop - start, n_features), dtype=np.float32)
+        X = means[y[start:stop]].astype(np.float32) + float(noise / np.sqrt(n_features)) * e
+        return X, y[start:stop]
+
+    starts = range(0, n_samples, block_rows)
+    if path is None:
+        parts = [block(start)[0] for start in starts]
+        return np.concatenate(parts), y.astype(np.int64)
+    from ltlearn.features.io import FeatureWriter
+
+    classes = [f"class {c}" for c in range(n_classes)]
+    attrs = {"backbone": "synthetic", "weights": f"make_long_tailed_embeddings(seed={seed})"}
+    with FeatureWriter(path, classes=classes, attrs=attrs, mode="w") as writer:
+        for start in starts:
+            writer.append("train", *block(start))
+    return path
+
+
+def _largest_class_for(n_samples, n_classes, imbalance_ratio):
+    """The largest class size whose exponential profile holds at most ``n_samples`` rows."""
+    low, high = 1, n_samples
+    while low < high:
+        mid = (low + high + 1) // 2
+        if long_tail_counts(mid, n_classes, imbalance_ratio).sum() <= n_samples:
+            low = mid
+        else:
+            high = mid - 1
+    return low

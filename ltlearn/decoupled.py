@@ -138,6 +138,8 @@ random_state, verbose
     True
     """
 
+    _streamable = False  # the second stage revisits rows in memory
+
     _parameter_constraints: dict = {
         **TorchHeadClassifier._parameter_constraints,
         "method": [StrOptions(set(METHODS))],

@@ -145,9 +145,25 @@ class Standardizer(nn.Module):
 
     @classmethod
     def from_data(cls, X):
-        """Fit mean and standard deviation on a 2-D float tensor."""
-        X64 = X.double()
-        return cls(X64.mean(0), X64.std(0, unbiased=False))
+        """Fit mean and standard deviation on a 2-D float tensor, or in one pass over blocks.
+
+        ``X`` may also be anything whose ``blocks()`` yields ``(rows, array)``
+        pairs (a :class:`~ltlearn.features.FeatureSplit`): the statistics are
+        then accumulated block by block, in float64.
+        """
+        if isinstance(X, torch.Tensor):
+            X64 = X.double()
+            return cls(X64.mean(0), X64.std(0, unbiased=False))
+        count, mean, m2 = 0, 0.0, 0.0
+        for _, block in X.blocks():
+            block = torch.from_numpy(block).double()
+            n, block_mean = len(block), block.mean(0)
+            # Chan et al.'s pairwise update: no catastrophic cancellation of E[x^2] - E[x]^2.
+            delta = block_mean - mean
+            m2 = m2 + ((block - block_mean) ** 2).sum(0) + delta**2 * count * n / (count + n)
+            mean = mean + delta * n / (count + n)
+            count += n
+        return cls(mean, (m2 / count).sqrt())
 
     def forward(self, x):
         return torch.addcmul(self.shift, x, self.inv_std)

@@ -368,15 +368,17 @@ class PRLClassifier(TorchHeadClassifier):
         r_hat = self._r_hats(["uniform"])
         return self._logits(X, r_hat)[0] + np.log(self.class_prior_).astype(np.float32)
 
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Fit the hypernetwork and its experts on features ``X`` and labels ``y``.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Feature vectors, e.g. frozen embeddings.
+        X : array-like of shape (n_samples, n_features), FeatureSplit or h5py.Dataset
+            Feature vectors, e.g. frozen embeddings; a split of a feature file
+            is streamed (see :class:`~ltlearn.features.FeatureSplit`).
         y : array-like of shape (n_samples,)
-            Class labels (numbers or strings).
+            Class labels (numbers or strings); may be omitted for a
+            ``FeatureSplit``.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples in every expert's loss.
 

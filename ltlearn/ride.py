@@ -272,6 +272,8 @@ random_state, verbose
     True
     """
 
+    _streamable = False  # the second stage revisits rows in memory
+
     _parameter_constraints: dict = {
         **TorchHeadClassifier._parameter_constraints,
         "n_experts": [Interval(Integral, 1, None, closed="left")],

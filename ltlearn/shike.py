@@ -29,7 +29,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ltlearn._base import TorchHeadClassifier
@@ -177,11 +177,16 @@ class SHIKEClassifier(TorchHeadClassifier):
         treats ``X`` as one group: each expert fuses the embedding with
         itself.
     n_experts : int, default=3
-    distillation : float, default=0.01
-        Weight of mutual distillation between experts.
-    transfer : float, default=0.1
+    distillation : float or "auto", default="auto"
+        Weight of mutual distillation between experts; ``"auto"`` is
+        ``1 / n_classes``, the weight that the reference code's element-wise
+        mean reduction amounts to.
+    transfer : float or "auto", default="auto"
         Weight of dynamic knowledge transfer (the grand teacher's
-        non-target distribution, hardest negative suppressed).
+        non-target distribution, hardest negative suppressed); ``"auto"`` is
+        ``10 / n_classes``, as in the reference code. On CIFAR-10-LT (IR
+        100, a balanced validation set of training images) these gave 77.3 %
+        against 77.0 % for no distillation and no transfer.
     adapter_size : int or None, default=None
         Hidden width of a residual adapter on the deepest features in front
         of each expert; None for none. On CIFAR-10-LT embeddings (IR 100, a
@@ -218,12 +223,14 @@ random_state, verbose
     True
     """
 
+    _streamable = False  # the second stage revisits rows in memory
+
     _parameter_constraints: dict = {
         **TorchHeadClassifier._parameter_constraints,
         "feature_groups": ["array-like", None],
         "n_experts": [Interval(Integral, 1, None, closed="left")],
-        "distillation": [Interval(Real, 0, None, closed="left")],
-        "transfer": [Interval(Real, 0, None, closed="left")],
+        "distillation": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
+        "transfer": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
     }
 
@@ -232,8 +239,8 @@ random_state, verbose
         *,
         feature_groups=None,
         n_experts=3,
-        distillation=0.01,
-        transfer=0.1,
+        distillation="auto",
+        transfer="auto",
         adapter_size=None,
         normalize="l2",
         optimizer="adam",
@@ -267,11 +274,12 @@ random_state, verbose
         return make_normalizer(self.normalize, X, self.feature_widths_)
 
     def _make_criterion(self, class_prior, n_steps):
+        n_classes = len(class_prior)
+        distillation = 1.0 / n_classes if self.distillation == "auto" else self.distillation
+        transfer = 10.0 / n_classes if self.transfer == "auto" else self.transfer
         # Plain cross-entropy, as the paper trains its experts before re-balancing.
         return SHIKELoss(
-            LogitAdjustedLoss(class_prior, tau=0.0),
-            distillation=self.distillation,
-            transfer=self.transfer,
+            LogitAdjustedLoss(class_prior, tau=0.0), distillation=distillation, transfer=transfer
         )
 
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):

@@ -5,9 +5,11 @@ from ltlearn.datasets import (
     load_long_tailed_digits,
     long_tail_counts,
     long_tailed_subset,
+    make_long_tailed_embeddings,
     shifted_test_subsets,
     train_val_split,
 )
+from ltlearn.features import FeatureFile
 
 
 def test_exponential_profile_is_the_cifar_lt_protocol():
@@ -92,3 +94,33 @@ def test_long_tailed_digits():
     assert counts[0] / counts[-1] == pytest.approx(10, rel=0.15)
     assert np.bincount(data.y_test).min() >= 85
     assert data.X_train.shape[1] == 64
+
+
+def test_synthetic_embeddings_are_deterministic_and_long_tailed(tmp_path):
+    X, y = make_long_tailed_embeddings(
+        3000, 16, 20, imbalance_ratio=50, random_state=3, block_rows=1000
+    )
+    X2, y2 = make_long_tailed_embeddings(
+        3000, 16, 20, imbalance_ratio=50, random_state=3, block_rows=1000
+    )
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(y, y2)
+    counts = np.bincount(y)
+    assert counts.sum() == 3000 and X.dtype == np.float32
+    assert counts[0] / counts[-1] == pytest.approx(50, rel=0.1)
+    assert np.all(np.diff(counts) <= 0)  # class 0 largest, class 19 smallest
+    # Unit class means plus noise of norm about one.
+    assert np.linalg.norm(X, axis=1).mean() == pytest.approx(np.sqrt(2), rel=0.1)
+    path = make_long_tailed_embeddings(
+        3000,
+        16,
+        20,
+        imbalance_ratio=50,
+        random_state=3,
+        block_rows=1000,
+        path=tmp_path / "s.h5",
+    )
+    with FeatureFile(path) as f:
+        X_file, y_file = f.read("train")
+    np.testing.assert_array_equal(y_file, y)
+    np.testing.assert_allclose(X_file, X, atol=2e-3)  # float16 on disk

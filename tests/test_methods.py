@@ -106,6 +106,24 @@ def test_router_threshold_trades_experts_for_nothing_else(blobs):
     assert len(model.router_history_) > 0
 
 
+def test_router_sends_tail_samples_on_more_often_than_head_samples():
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(4, 16))
+    means *= 1.6 / np.linalg.norm(means, axis=1, keepdims=True)
+
+    def draw(counts):
+        y = np.repeat(np.arange(4), counts)
+        return means[y] + rng.normal(size=(len(y), 16)), y
+
+    X, y = draw([1000, 300, 100, 30])
+    X_test, y_test = draw([300] * 4)
+    model = RIDEClassifier(adapter_size=16, router_threshold=0.1, device="cpu", random_state=1)
+    used = model.fit(X, y).n_experts_used(X_test)
+    # The head class is classified right more often by the first expert: fewer experts.
+    assert 1.0 < used.mean() < 3.0
+    assert used[y_test == 0].mean() < used[y_test == 3].mean() - 0.2
+
+
 @pytest.mark.parametrize("method", ["crt", "tau_norm", "lws"])
 def test_decoupled_methods_favour_the_tail_more_than_plain_cross_entropy(blobs, method):
     X, y = blobs([1000, 300, 100, 30])

@@ -8,6 +8,7 @@ image set (:mod:`ltlearn.features.sources`) with :func:`extract`.
 from ltlearn.features.extract import CorruptImageWarning, extract, merge
 from ltlearn.features.io import (
     FeatureFile,
+    FeatureSplit,
     FeatureWriter,
     read_features,
     read_metadata,
@@ -17,6 +18,7 @@ from ltlearn.features.io import (
 __all__ = [
     "CorruptImageWarning",
     "FeatureFile",
+    "FeatureSplit",
     "FeatureWriter",
     "extract",
     "merge",

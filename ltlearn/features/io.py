@@ -29,6 +29,8 @@ resumable.
 import datetime
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -36,7 +38,14 @@ import numpy as np
 
 from ltlearn.exceptions import FeatureFileError
 
-__all__ = ["FeatureFile", "FeatureWriter", "read_features", "read_metadata", "write_features"]
+__all__ = [
+    "FeatureFile",
+    "FeatureSplit",
+    "FeatureWriter",
+    "read_features",
+    "read_metadata",
+    "write_features",
+]
 
 _READ_CHUNK_ROWS = 16384
 
@@ -271,7 +280,16 @@ class FeatureFile:
         X = self._read(split, "features", rows, dtype)
         if groups is not None:
             X = X[:, self.group_columns(groups)]
-        y = self._read(split, "labels", rows)
+        return X, self.labels(split, start=start, stop=stop)
+
+    def labels(self, split="train", *, start=None, stop=None):
+        """Labels of rows ``start:stop`` of a split, checked to be class indices.
+
+        Returns
+        -------
+        y : ndarray of shape (n_rows,) of int64
+        """
+        y = self._read(split, "labels", self._rows(split, start, stop))
         if not np.issubdtype(y.dtype, np.integer):
             whole = np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
             if not whole:
@@ -285,7 +303,7 @@ class FeatureFile:
                 f"has labels in split '{split}' outside 0..{len(self.classes) - 1} "
                 f"(found {y.min()}..{y.max()})"
             )
-        return X, y
+        return y
 
     def ids(self, split="train", *, start=None, stop=None):
         """Row ids (e.g. image paths) of a split as str, or None when it has none."""
@@ -314,6 +332,10 @@ class FeatureFile:
         for start in range(0, n_rows, chunk_rows):
             yield self.read(split, start=start, stop=start + chunk_rows, dtype=dtype)
 
+    def __getitem__(self, split):
+        """The split as a :class:`FeatureSplit`: what out-of-core fits take as ``X``."""
+        return FeatureSplit(self, split)
+
     def close(self):
         """Close the file."""
         self._file.close()
@@ -327,6 +349,119 @@ class FeatureFile:
     def __repr__(self):
         rows = ", ".join(f"{s}={self.n_rows(s)}" for s in self.splits)
         return f"FeatureFile({str(self.path)!r}, classes={len(self.classes)}, {rows})"
+
+
+class FeatureSplit:
+    """The features of one split, read block by block: ``X`` for fits larger than memory.
+
+    Estimators given a ``FeatureSplit`` (or an h5py data set) instead of an
+    array stream it: each epoch visits the file's HDF5 chunks in a shuffled
+    order, ``block_chunks`` of them at a time (a block), while a background
+    thread reads up to ``prefetch`` blocks ahead; memory holds a few blocks,
+    never the file. ``np.asarray(split)`` reads it whole.
+
+    Parameters
+    ----------
+    source : FeatureFile or h5py.Dataset
+        A feature file (then ``split`` names the split) or a 2-D data set.
+    split : str, default="train"
+    block_chunks : int, default=16
+        HDF5 chunks per block (16,384 rows with the writer's 1,024-row chunks).
+    prefetch : int, default=2
+        Blocks read ahead of training.
+
+    Attributes
+    ----------
+    shape : (int, int)
+        Complete rows and features.
+    labels : ndarray of int64 or None
+        The split's labels (in memory; None for a bare data set).
+    chunk_rows : int
+        Rows per HDF5 chunk (the unit of shuffling).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+    >>> write_features(path, {"train": (np.eye(3), [0, 1, 1])}, classes=["a", "b"])
+    >>> with FeatureFile(path) as f:
+    ...     split = f["train"]
+    ...     print(split.shape, split.labels.tolist(), np.asarray(split).sum())
+    (3, 3) [0, 1, 1] 3.0
+    """
+
+    def __init__(self, source, split="train", *, block_chunks=16, prefetch=2):
+        if isinstance(source, FeatureFile):
+            self.name = f"{str(source.path)!r}, split {split!r}"
+            self._features = source._group(split)["features"]
+            n_rows = source.n_rows(split)
+            self.labels = source.labels(split)
+        elif isinstance(source, h5py.Dataset):
+            if source.ndim != 2:
+                raise ValueError(f"An h5py data set of features must be 2-D; got {source.shape}.")
+            self.name = f"data set {source.name!r} of {source.file.filename!r}"
+            self._features, n_rows, self.labels = source, source.shape[0], None
+        else:
+            raise TypeError(
+                f"FeatureSplit reads a FeatureFile or an h5py.Dataset; got {type(source).__name__}."
+            )
+        self.shape = (int(n_rows), int(self._features.shape[1]))
+        self.chunk_rows = int((self._features.chunks or (1024,))[0])
+        self.block_chunks, self.prefetch = int(block_chunks), int(prefetch)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        return f"FeatureSplit({self.name}, shape={self.shape})"
+
+    def __array__(self, dtype=None, copy=None):
+        return self.read(0, self.shape[0], dtype or np.float32)
+
+    def read(self, start, stop, dtype=np.float32):
+        """Rows ``start:stop`` as an array."""
+        try:
+            return np.asarray(self._features[start:stop], dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise FeatureFileError(
+                f"Could not read rows {start}:{stop} of {self.name} ({exc}); the file may be "
+                "truncated or corrupt."
+            ) from exc
+
+    def chunk_slices(self):
+        """The row ranges of the HDF5 chunks, in file order."""
+        n = self.shape[0]
+        return [(start, min(start + self.chunk_rows, n)) for start in range(0, n, self.chunk_rows)]
+
+    def blocks(self, order=None):
+        """Yield ``(rows, X)`` blocks: row indices (int64) and their float32 features.
+
+        Parameters
+        ----------
+        order : sequence of int, default=None
+            The order in which to visit the chunks (indices into
+            :meth:`chunk_slices`); None visits them in file order.
+        """
+        slices = self.chunk_slices()
+        order = range(len(slices)) if order is None else [int(i) for i in order]
+        groups = [order[i : i + self.block_chunks] for i in range(0, len(order), self.block_chunks)]
+
+        def load(group):
+            parts = [slices[i] for i in group]
+            rows = np.concatenate([np.arange(a, b) for a, b in parts])
+            return rows, np.concatenate([self.read(a, b) for a, b in parts])
+
+        if self.prefetch < 1:
+            yield from map(load, groups)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Reading overlaps training: torch releases the GIL while it computes.
+            pending = deque(pool.submit(load, g) for g in groups[: self.prefetch])
+            for next_group in groups[self.prefetch :] + [None] * len(pending):
+                block = pending.popleft().result()
+                if next_group is not None:
+                    pending.append(pool.submit(load, next_group))
+                yield block
 
 
 def read_features(path, split="train", *, dtype=np.float32):
