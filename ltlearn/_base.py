@@ -38,6 +38,7 @@ from ltlearn._training import (
 )
 from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
+from ltlearn.synthesis import synthesize_tail
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -268,12 +269,31 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         return tags
 
-    #: Whether ``fit`` can stream ``X`` from a feature file: estimators whose later
-    #: training stages revisit chosen rows in memory set this to False.
+    #: Whether ``fit`` can stream ``X`` from a feature file, and train on augmented
+    #: views: estimators whose later training stages revisit chosen rows of plain
+    #: features in memory set this to False.
     _streamable = True
 
+    def _check_views(self, views, n_rows, where):
+        """``views`` as a float array of shape (n_rows, n_views, n_features_in_), or an error."""
+        try:
+            views = np.asarray(views)
+            if views.dtype not in (np.float32, np.float64):
+                views = views.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"views passed to {where} must be a numeric array.") from exc
+        if views.ndim != 3 or views.shape[0] != n_rows or views.shape[2] != self.n_features_in_:
+            raise ValueError(
+                f"views passed to {where} must have shape ({n_rows}, n_views, "
+                f"{self.n_features_in_}) (the rows of X, then their views, e.g. "
+                f"FeatureFile.views(split)); got shape {views.shape}."
+            )
+        if not np.all(np.isfinite(views)):
+            raise ValueError(f"views passed to {where} contain NaN or infinite values.")
+        return views
+
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None, *, views=None):
         """Fit the head on features ``X`` and labels ``y``.
 
         Parameters
@@ -289,6 +309,12 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples in the loss; the class prior
             used by the loss is computed from the weighted class totals.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Embeddings of augmented views of each row's image (from
+            ``extract(..., views=K)``, read with ``FeatureFile.views``). Each
+            training step then sees one view of each sampled image, drawn
+            uniformly from the plain row and its views: an epoch still has
+            one row per image, and the class prior counts images, not views.
 
         Returns
         -------
@@ -302,6 +328,18 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         else:
             X, y = split, self._streamed_labels(split, y)
+        if views is not None:
+            if split is not None:
+                raise ValueError(
+                    "views need X in memory; read the split first, e.g. "
+                    "X, y = FeatureFile(path).read(split)."
+                )
+            if not self._streamable:
+                raise ValueError(
+                    f"{type(self).__name__} does not train on views: its later training stages "
+                    "revisit chosen rows of the plain features."
+                )
+            views = self._check_views(views, len(X), "fit")
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -326,24 +364,46 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         weighted_totals = np.maximum(weighted_totals, 1e-12 * weighted_totals.sum())
         self.class_prior_ = weighted_totals / weighted_totals.sum()
 
-        lr, batch_size, max_epochs = _resolve_schedule(
-            self.lr, self.batch_size, self.max_epochs, *X.shape
-        )
         generator = torch_generator(check_random_state(self.random_state))
+        y_t = torch.as_tensor(y_index, dtype=torch.int64)
+        w_t = torch.from_numpy(sample_weight)
         if split is None:
             X_t = _float_tensor(X)
             normalizer = self._make_normalizer(X_t)
             with torch.no_grad():
                 Z = normalizer(X_t)
+                if views is not None:
+                    # The normaliser is fitted on the plain rows and applied to every view.
+                    Z_views = normalizer(_float_tensor(views.reshape(-1, views.shape[2])))
+                    Z = torch.cat([Z.unsqueeze(1), Z_views.reshape(len(Z), views.shape[1], -1)], 1)
         else:
             normalizer = self._make_normalizer(split)
             Z = StreamedInputs(split, normalizer)
+        if getattr(self, "tail_synthesis", 0):
+            if split is not None:
+                raise ValueError(
+                    "tail_synthesis needs X in memory; read the split first, e.g. "
+                    "X, y = FeatureFile(path).read(split)."
+                )
+            Z_new, y_new = synthesize_tail(Z, y_t, n_classes, self.tail_synthesis, generator)
+            self.synthetic_counts_ = np.bincount(y_new.numpy(), minlength=n_classes)
+            # A class keeps its weight, shared by its real and synthetic rows, so that
+            # class_prior_ (and the loss's adjustment) still counts images.
+            real = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
+            share = real / np.maximum(real + self.synthetic_counts_, 1e-12)
+            Z, y_t = torch.cat([Z, Z_new]), torch.cat([y_t, y_new])
+            w_t = torch.cat([w_t, torch.ones(len(y_new))])
+            w_t = w_t * torch.as_tensor(share, dtype=torch.float32)[y_t]
+        elif hasattr(self, "tail_synthesis"):
+            self.synthetic_counts_ = np.zeros(n_classes, dtype=np.int64)
+        n_rows = len(y_t)
+        lr, batch_size, max_epochs = _resolve_schedule(
+            self.lr, self.batch_size, self.max_epochs, n_rows, X.shape[1]
+        )
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
-        n_steps = max_epochs * math.ceil(len(X) / min(batch_size, len(X)))
+        n_steps = max_epochs * math.ceil(n_rows / min(batch_size, n_rows))
         criterion = self._make_criterion(prior, n_steps)
         module = self._make_module(X.shape[1], n_classes, prior, generator, n_steps)
-        y_t = torch.as_tensor(y_index, dtype=torch.int64)
-        w_t = torch.from_numpy(sample_weight)
 
         def train(
             module, criterion, *, balanced_sampling=balanced_sampling, desc=None, rows=None, **kw
@@ -374,6 +434,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 generator=generator,
                 verbose=self.verbose,
                 desc=desc or type(self).__name__,
+                views=views is not None,
                 **settings,
             )
 
@@ -432,60 +493,86 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         shift = self._logit_shift()
         return scores if shift is None else scores + shift.astype(np.float32)
 
-    def decision_function(self, X):
+    def _view_scores(self, X, views, *args):
+        """``_scores`` of ``X``, averaged with those of its test-time ``views`` when given.
+
+        The logits are averaged (the geometric mean of the views'
+        probabilities, renormalised): on validation it was as accurate as
+        averaging probabilities and keeps ``decision_function`` linear in
+        the views.
+        """
+        scores = self._scores(X, *args)
+        if views is None:
+            return scores
+        views = self._check_views(views, len(scores), "prediction")
+        total = scores.astype(np.float64)
+        for v in range(views.shape[1]):
+            total += self._scores(views[:, v], *args)
+        return (total / (views.shape[1] + 1)).astype(np.float32)
+
+    def decision_function(self, X, views=None):
         """Class scores: the logits, shifted as the estimator's parameters say.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time augmentation: embeddings of augmented views of each
+            row's image; the scores are averaged over the row and its views.
 
         Returns
         -------
         scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
             For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
         """
-        return _decision(self._scores(X))
+        return _decision(self._view_scores(X, views))
 
-    def predict_proba(self, X):
+    def predict_proba(self, X, views=None):
         """Class probabilities: the softmax of the (shifted) logits.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row, as in :meth:`decision_function`.
 
         Returns
         -------
         proba : ndarray of shape (n_samples, n_classes)
             Columns follow ``classes_``.
         """
-        return _proba(self._scores(X))
+        return _proba(self._view_scores(X, views))
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X, views=None):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row, as in :meth:`decision_function`.
 
         Returns
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
         """
-        return _log_proba(self._scores(X))
+        return _log_proba(self._view_scores(X, views))
 
-    def predict(self, X):
+    def predict(self, X, views=None):
         """Predict the class of each row of ``X``.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row, as in :meth:`decision_function`.
 
         Returns
         -------
         y_pred : ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        scores = self._scores(X)
+        scores = self._view_scores(X, views)
         return self.classes_[np.argmax(scores, axis=1)]
 
     def score(self, X, y, sample_weight=None):

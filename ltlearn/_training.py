@@ -104,7 +104,7 @@ class StreamedInputs:
             yield torch.from_numpy(rows), Z
 
 
-def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device):
+def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device, views):
     """Mini-batches ``(X, y, w)`` of one epoch: shuffled, or class-balanced when drawn."""
     if isinstance(X, torch.Tensor):
         n_samples = X.shape[0]
@@ -119,7 +119,13 @@ def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, dev
             idx = order[start : start + batch_size]
             # index_select: several times faster than X[idx] for row gathers on CPU.
             w = None if sample_weight is None else sample_weight.index_select(0, idx)
-            yield X.index_select(0, idx), y.index_select(0, idx), w
+            if views:
+                # (rows, views, features): one view of each row, drawn anew at each step.
+                view = torch.randint(X.shape[1], (len(idx),), generator=generator).to(device)
+                picked = X.reshape(-1, X.shape[-1]).index_select(0, idx * X.shape[1] + view)
+            else:
+                picked = X.index_select(0, idx)
+            yield picked, y.index_select(0, idx), w
         return
     # Streamed: shuffled (or drawn) within each block, and rows left over at the end
     # of a block go into the next batch, so that every batch but the last is full.
@@ -165,6 +171,7 @@ def fit_module(
     verbose=False,
     desc="fit",
     stop_when=None,
+    views=False,
 ):
     """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
 
@@ -179,7 +186,7 @@ def fit_module(
         Trained in place.
     criterion : torch.nn.Module
         Called as ``criterion(output, target, sample_weight)``, returns a scalar.
-    X : torch.Tensor of shape (n_samples, n_features) or StreamedInputs
+    X : torch.Tensor of shape (n_samples, ...) or StreamedInputs
         Training inputs (already normalised), or rows streamed from a feature
         file (normalised block by block).
     y : torch.Tensor of shape (n_samples,)
@@ -210,6 +217,10 @@ def fit_module(
         Called with the module after each epoch; training ends early when it
         returns True (e.g. SADE's test-time aggregation, which stops once an
         expert's weight falls below a threshold).
+    views : bool
+        ``X`` has shape (n_samples, n_views, n_features), augmented views of
+        each row: each step sees one view of each sampled row, drawn
+        uniformly.
 
     Returns
     -------
@@ -240,7 +251,9 @@ def fit_module(
     for _ in epochs:
         # Summed on the device: one host sync per epoch, not one per step.
         total = torch.zeros((), device=device)
-        batches = _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device)
+        batches = _epoch_batches(
+            X, y, sample_weight, batch_size, draw_weights, generator, device, views
+        )
         for X_batch, y_batch, w in batches:
             loss = criterion(module(X_batch), y_batch, w)
             opt.zero_grad()

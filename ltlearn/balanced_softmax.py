@@ -78,6 +78,17 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     balanced_sampling : bool, default=False
         Draw class-balanced batches. The loss then sees a uniform prior, so the
         logit adjustment vanishes; use one or the other.
+    tail_synthesis : float in [0, 1], default=0.0
+        Synthesise features for small classes during training, up to this
+        fraction of the largest class's count: each synthetic feature is a
+        small class's mean plus the deviation of a random example of one of
+        its three nearest larger classes from that class's mean, scaled to the
+        small class's own spread (head-to-tail transfer of the covariance; see
+        :mod:`ltlearn.synthesis`). A class keeps its total weight in the loss,
+        shared by its real and synthetic rows, so ``class_prior_`` still
+        counts images. Drawn from ``random_state``; 0 synthesises nothing.
+        Off by default: on validation splits of CIFAR-10-LT embeddings it
+        cost 0.1 to 1.8 points of balanced accuracy (fractions 0.02 to 1).
     device : str, default="auto"
         Torch device to train on: ``"auto"`` (a CUDA GPU when there is one),
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Prediction runs on the CPU,
@@ -94,6 +105,8 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)
         Training samples per class.
+    synthetic_counts_ : ndarray of shape (n_classes,)
+        Synthetic training rows per class (``tail_synthesis``).
     class_prior_ : ndarray of shape (n_classes,)
         Class prior the loss adjusted for (weighted by ``sample_weight``;
         uniform under ``balanced_sampling``).
@@ -135,6 +148,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "cosine_scale": [Interval(Real, 0, None, closed="neither")],
         "balanced_sampling": ["boolean"],
+        "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
         "tau": [Interval(Real, 0, None, closed="left")],
         "test_prior": [None, StrOptions({"uniform", "train"}), "array-like"],
     }
@@ -155,6 +169,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         batch_size="auto",
         lr_schedule="onecycle",
         balanced_sampling=False,
+        tail_synthesis=0.0,
         device="auto",
         random_state=None,
         verbose=False,
@@ -172,6 +187,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
         self.balanced_sampling = balanced_sampling
+        self.tail_synthesis = tail_synthesis
         self.device = device
         self.random_state = random_state
         self.verbose = verbose

@@ -204,6 +204,17 @@ class PRLClassifier(TorchHeadClassifier):
         Hidden width of the hypernetwork.
     adapter_size : int or None, default=None
         Hidden width of an optional residual adapter on the features.
+    tail_synthesis : float in [0, 1], default=0.0
+        Synthesise features for small classes during training, up to this
+        fraction of the largest class's count: each synthetic feature is a
+        small class's mean plus the deviation of a random example of one of
+        its three nearest larger classes from that class's mean, scaled to the
+        small class's own spread (head-to-tail transfer of the covariance; see
+        :mod:`ltlearn.synthesis`). A class keeps its total weight in the loss,
+        shared by its real and synthetic rows, so ``class_prior_`` still
+        counts images. Drawn from ``random_state``; 0 synthesises nothing.
+        Off by default: on validation splits of CIFAR-10-LT embeddings it
+        cost 0.1 to 1.8 points of balanced accuracy (fractions 0.02 to 1).
     normalize : {"l2", "standard"} or None, default="l2"
         Feature normalisation fitted inside the estimator.
     optimizer : {"adam", "adamw", "sgd"}, default="adam"
@@ -234,6 +245,8 @@ class PRLClassifier(TorchHeadClassifier):
         Feature names, when ``X`` had string column names.
     class_counts_ : ndarray of shape (n_classes,)
         Training samples per class.
+    synthetic_counts_ : ndarray of shape (n_classes,)
+        Synthetic training rows per class (``tail_synthesis``).
     class_prior_ : ndarray of shape (n_classes,)
         Training class frequencies (sample-weighted).
     r_ : ndarray of shape (3,)
@@ -274,6 +287,7 @@ class PRLClassifier(TorchHeadClassifier):
         "rank": [Interval(Integral, 0, None, closed="left")],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
+        "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
     }
 
     def __init__(
@@ -286,6 +300,7 @@ class PRLClassifier(TorchHeadClassifier):
         rank=0,
         hidden_size=64,
         adapter_size=None,
+        tail_synthesis=0.0,
         normalize="l2",
         optimizer="adam",
         lr="auto",
@@ -304,6 +319,7 @@ class PRLClassifier(TorchHeadClassifier):
         self.rank = rank
         self.hidden_size = hidden_size
         self.adapter_size = adapter_size
+        self.tail_synthesis = tail_synthesis
         self.normalize = normalize
         self.optimizer = optimizer
         self.lr = lr
@@ -368,7 +384,7 @@ class PRLClassifier(TorchHeadClassifier):
         r_hat = self._r_hats(["uniform"])
         return self._logits(X, r_hat)[0] + np.log(self.class_prior_).astype(np.float32)
 
-    def fit(self, X, y=None, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None, *, views=None):
         """Fit the hypernetwork and its experts on features ``X`` and labels ``y``.
 
         Parameters
@@ -381,6 +397,9 @@ class PRLClassifier(TorchHeadClassifier):
             ``FeatureSplit``.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples in every expert's loss.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Augmented views of each row; each step sees one view per image
+            (see ``BalancedSoftmaxClassifier.fit``).
 
         Returns
         -------
@@ -388,7 +407,7 @@ class PRLClassifier(TorchHeadClassifier):
             The fitted classifier.
         """
         self._concentrations()  # a bad beta fails before any training
-        super().fit(X, y, sample_weight=sample_weight)
+        super().fit(X, y, sample_weight=sample_weight, views=views)
         self.r_ = self.module_.head.r.detach().numpy().astype(np.float64)
         return self
 
@@ -591,7 +610,7 @@ class PRLClassifier(TorchHeadClassifier):
 
     # -- prediction -------------------------------------------------------------
 
-    def decision_function(self, X, preference=None):
+    def decision_function(self, X, preference=None, views=None):
         """Logits of the head generated for the preference.
 
         Parameters
@@ -599,14 +618,17 @@ class PRLClassifier(TorchHeadClassifier):
         X : array-like of shape (n_samples, n_features)
         preference : str or array-like of shape (3,), default=None
             Overrides the ``preference`` parameter for this call only.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row: the scores are averaged over the row
+            and its views (see ``BalancedSoftmaxClassifier.decision_function``).
 
         Returns
         -------
         scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
         """
-        return _decision(self._scores(X, preference))
+        return _decision(self._view_scores(X, views, preference))
 
-    def predict_proba(self, X, preference=None):
+    def predict_proba(self, X, preference=None, views=None):
         """Class probabilities under the preference: the softmax of its logits.
 
         Parameters
@@ -614,14 +636,17 @@ class PRLClassifier(TorchHeadClassifier):
         X : array-like of shape (n_samples, n_features)
         preference : str or array-like of shape (3,), default=None
             Overrides the ``preference`` parameter for this call only.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row: the scores are averaged over the row
+            and its views (see ``BalancedSoftmaxClassifier.decision_function``).
 
         Returns
         -------
         proba : ndarray of shape (n_samples, n_classes)
         """
-        return _proba(self._scores(X, preference))
+        return _proba(self._view_scores(X, views, preference))
 
-    def predict_log_proba(self, X, preference=None):
+    def predict_log_proba(self, X, preference=None, views=None):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
         Parameters
@@ -629,14 +654,17 @@ class PRLClassifier(TorchHeadClassifier):
         X : array-like of shape (n_samples, n_features)
         preference : str or array-like of shape (3,), default=None
             Overrides the ``preference`` parameter for this call only.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row: the scores are averaged over the row
+            and its views (see ``BalancedSoftmaxClassifier.decision_function``).
 
         Returns
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
         """
-        return _log_proba(self._scores(X, preference))
+        return _log_proba(self._view_scores(X, views, preference))
 
-    def predict(self, X, preference=None):
+    def predict(self, X, preference=None, views=None):
         """Predicted classes under the preference.
 
         Parameters
@@ -644,12 +672,15 @@ class PRLClassifier(TorchHeadClassifier):
         X : array-like of shape (n_samples, n_features)
         preference : str or array-like of shape (3,), default=None
             Overrides the ``preference`` parameter for this call only.
+        views : array-like of shape (n_samples, n_views, n_features), default=None
+            Test-time views of each row: the scores are averaged over the row
+            and its views (see ``BalancedSoftmaxClassifier.decision_function``).
 
         Returns
         -------
         y_pred : ndarray of shape (n_samples,)
         """
-        scores = self._scores(X, preference)
+        scores = self._view_scores(X, views, preference)
         return self.classes_[np.argmax(scores, axis=1)]
 
     def decision_function_many(self, X, preferences):

@@ -190,7 +190,7 @@ class SHIKEClassifier(TorchHeadClassifier):
     adapter_size : int or None, default=None
         Hidden width of a residual adapter on the deepest features in front
         of each expert; None for none. On CIFAR-10-LT embeddings (IR 100, a
-        balanced validation set of training images) 64 cost 1 point and half
+        balanced validation set of training images) 64 cost 1.3 points and half
         as much time again.
     normalize : {"l2", "standard"} or None, default="l2"
         ``"l2"`` normalises each column group on its own.

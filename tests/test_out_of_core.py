@@ -13,8 +13,9 @@ FAST = dict(device="cpu", random_state=0)
 
 
 def _write(path, data, chunk_rows):
-    with FeatureWriter(path, classes=[str(c) for c in range(10)], dtype="float32",
-                       chunk_rows=chunk_rows) as w:
+    with FeatureWriter(
+        path, classes=[str(c) for c in range(10)], dtype="float32", chunk_rows=chunk_rows
+    ) as w:
         w.append("train", data.X_train, data.y_train)
         w.append("test", data.X_test, data.y_test)
     return path
