@@ -387,13 +387,17 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 )
             Z_new, y_new = synthesize_tail(Z, y_t, n_classes, self.tail_synthesis, generator)
             self.synthetic_counts_ = np.bincount(y_new.numpy(), minlength=n_classes)
-            # A class keeps its weight, shared by its real and synthetic rows, so that
-            # class_prior_ (and the loss's adjustment) still counts images.
+            # A synthetic row weighs what its class's real rows weigh on average.
             real = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
-            share = real / np.maximum(real + self.synthetic_counts_, 1e-12)
-            Z, y_t = torch.cat([Z, Z_new]), torch.cat([y_t, y_new])
-            w_t = torch.cat([w_t, torch.ones(len(y_new))])
-            w_t = w_t * torch.as_tensor(share, dtype=torch.float32)[y_t]
+            mean_weight = real / np.maximum(self.class_counts_, 1)
+            w_new = torch.as_tensor(mean_weight, dtype=torch.float32)[y_new]
+            Z, y_t, w_t = torch.cat([Z, Z_new]), torch.cat([y_t, y_new]), torch.cat([w_t, w_new])
+            if not balanced_sampling:
+                # A class keeps its total weight, shared by its real and synthetic rows,
+                # so that class_prior_ (and the loss's adjustment) still counts images.
+                # Balanced batches draw every class equally often whatever its rows.
+                share = self.class_counts_ / (self.class_counts_ + self.synthetic_counts_)
+                w_t = w_t * torch.as_tensor(share, dtype=torch.float32)[y_t]
         elif hasattr(self, "tail_synthesis"):
             self.synthetic_counts_ = np.zeros(n_classes, dtype=np.int64)
         n_rows = len(y_t)
@@ -510,7 +514,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             total += self._scores(views[:, v], *args)
         return (total / (views.shape[1] + 1)).astype(np.float32)
 
-    def decision_function(self, X, views=None):
+    def decision_function(self, X, *, views=None):
         """Class scores: the logits, shifted as the estimator's parameters say.
 
         Parameters
@@ -527,7 +531,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         return _decision(self._view_scores(X, views))
 
-    def predict_proba(self, X, views=None):
+    def predict_proba(self, X, *, views=None):
         """Class probabilities: the softmax of the (shifted) logits.
 
         Parameters
@@ -543,7 +547,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         return _proba(self._view_scores(X, views))
 
-    def predict_log_proba(self, X, views=None):
+    def predict_log_proba(self, X, *, views=None):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
         Parameters
@@ -558,7 +562,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         return _log_proba(self._view_scores(X, views))
 
-    def predict(self, X, views=None):
+    def predict(self, X, *, views=None):
         """Predict the class of each row of ``X``.
 
         Parameters

@@ -212,7 +212,9 @@ class PRLClassifier(TorchHeadClassifier):
         small class's own spread (head-to-tail transfer of the covariance; see
         :mod:`ltlearn.synthesis`). A class keeps its total weight in the loss,
         shared by its real and synthetic rows, so ``class_prior_`` still
-        counts images. Drawn from ``random_state``; 0 synthesises nothing.
+        counts images. Drawn once per fit from ``random_state``; the rows
+        count toward the ``"auto"`` batch size and epochs, so fits take
+        longer. 0 synthesises nothing.
         Off by default: on validation splits of CIFAR-10-LT embeddings it
         cost 0.1 to 1.8 points of balanced accuracy (fractions 0.02 to 1).
     normalize : {"l2", "standard"} or None, default="l2"
@@ -610,7 +612,7 @@ class PRLClassifier(TorchHeadClassifier):
 
     # -- prediction -------------------------------------------------------------
 
-    def decision_function(self, X, preference=None, views=None):
+    def decision_function(self, X, preference=None, *, views=None):
         """Logits of the head generated for the preference.
 
         Parameters
@@ -628,7 +630,7 @@ class PRLClassifier(TorchHeadClassifier):
         """
         return _decision(self._view_scores(X, views, preference))
 
-    def predict_proba(self, X, preference=None, views=None):
+    def predict_proba(self, X, preference=None, *, views=None):
         """Class probabilities under the preference: the softmax of its logits.
 
         Parameters
@@ -646,7 +648,7 @@ class PRLClassifier(TorchHeadClassifier):
         """
         return _proba(self._view_scores(X, views, preference))
 
-    def predict_log_proba(self, X, preference=None, views=None):
+    def predict_log_proba(self, X, preference=None, *, views=None):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
         Parameters
@@ -664,7 +666,7 @@ class PRLClassifier(TorchHeadClassifier):
         """
         return _log_proba(self._view_scores(X, views, preference))
 
-    def predict(self, X, preference=None, views=None):
+    def predict(self, X, preference=None, *, views=None):
         """Predicted classes under the preference.
 
         Parameters

@@ -183,3 +183,38 @@ def test_grid_search_splits_views_with_the_rows(digits):
     ).fit(digits.X_train, digits.y_train, views=views)
     # A fold given all rows' views would fail the shape check in fit.
     assert search.best_score_ > 0.8
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_synthetic_rows_keep_each_class_weight(digits, monkeypatch, balanced):
+    import ltlearn._base
+
+    seen = {}
+    real_fit_module = ltlearn._base.fit_module
+
+    def spy(module, criterion, X, y, **kw):
+        seen["y"], seen["w"] = y.numpy(), kw["sample_weight"].numpy()
+        return real_fit_module(module, criterion, X, y, **kw)
+
+    monkeypatch.setattr(ltlearn._base, "fit_module", spy)
+    X, y = digits.X_train, digits.y_train
+    weights = np.random.default_rng(0).uniform(0.5, 3.0, len(y))
+    params = dict(tail_synthesis=0.5, max_epochs=2, **FAST)
+    if balanced:
+        params.update(balanced_sampling=True, tau=0.0)
+    model = BalancedSoftmaxClassifier(**params).fit(X, y, sample_weight=weights)
+    assert model.synthetic_counts_.sum() > 0
+    totals = np.bincount(seen["y"], weights=seen["w"])
+    real = np.bincount(y, weights=weights)
+    if balanced:
+        # Classes are drawn equally often; within one, a synthetic row weighs the mean real row.
+        mean_real = real / np.bincount(y)
+        synthetic = seen["y"][len(y) :]
+        np.testing.assert_allclose(seen["w"][len(y) :], mean_real[synthetic], rtol=1e-6)
+    else:
+        np.testing.assert_allclose(totals, real, rtol=1e-5)
+    # The scale of sample_weight does not matter.
+    scaled = BalancedSoftmaxClassifier(**params).fit(X, y, sample_weight=10 * weights)
+    np.testing.assert_allclose(
+        scaled.predict_proba(digits.X_test), model.predict_proba(digits.X_test), atol=1e-4
+    )
