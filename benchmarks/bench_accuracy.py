@@ -151,12 +151,6 @@ def evaluate(model, X_test, y_test, subsets, groups, views=None):
     }
 
 
-def tail_accuracy(y_true, y_pred, counts, n=3):
-    """Mean accuracy over the ``n`` classes with the fewest training rows."""
-    tail = np.argsort(counts, kind="stable")[:n]
-    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in tail]))
-
-
 def average_views(scores, how):
     """Average per-view scores (n_views, n_rows, n_classes): mean logits or mean probabilities."""
     if how == "logits":
@@ -168,7 +162,7 @@ def average_views(scores, how):
 def select(X, y, ids, seeds=3):
     """Validation runs: IR 100 seed 0 against a balanced held-out set; prints one table."""
     train, held = selection_rows(y)
-    counts = np.bincount(y[train], minlength=10)
+    groups = rank_groups(np.bincount(y[train], minlength=10))
     rows = ids[np.concatenate([train, held])].tolist()
     views = {name: extract_views(name, "train", rows, "select")[1] for name in augmentations()}
     # Multi-depth rows and their views: read from the main run's file (all training images).
@@ -197,7 +191,7 @@ def select(X, y, ids, seeds=3):
                 ]
             pred = np.argmax(average_views(np.stack(scores), how), axis=1)
             accuracy.append(100 * np.mean(pred == y[held]))
-            tail.append(100 * tail_accuracy(y[held], pred, counts))
+            tail.append(100 * group_accuracy(y[held], pred, groups)["tail"])
         print(
             f"| {label} | {np.mean(accuracy):.2f} | {np.mean(tail):.1f} | {np.mean(seconds):.2f} |",
             flush=True,

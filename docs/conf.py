@@ -55,7 +55,7 @@ sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": rf"/({'|'.join(_RUN)})\.py$",
-    "ignore_pattern": r"(__init__|_protocol)\.py",
+    "ignore_pattern": r"(__init__|_protocol|_cli)\.py",
     "download_all_examples": False,
     "remove_config_comments": True,
     "abort_on_example_error": True,

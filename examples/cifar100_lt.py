@@ -26,21 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import HelpFormatter
 from _protocol import run_protocol
 
 from ltlearn.features import FeatureFile, extract
 from ltlearn.features.backbones import from_module
 from ltlearn.features.sources import CIFARSource
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows this file's description and each option's default."""
-
-    def _get_help_string(self, action):
-        # Flags and options whose help says what happens without them need no "(default: None)".
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def write_small_cifar100(root, per_class_train=30, per_class_test=10, seed=0):
@@ -61,7 +52,7 @@ def write_small_cifar100(root, per_class_train=30, per_class_test=10, seed=0):
     return Path(root)
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds cifar-100-python/")
 parser.add_argument("--download", action="store_true", help="download through torchvision")
 parser.add_argument("--backbone", default="efficientnet-lite0", help="backbone name or file")

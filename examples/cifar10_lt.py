@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from _cli import HelpFormatter
 
 from ltlearn import BalancedSoftmaxClassifier
 from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
@@ -30,17 +31,7 @@ _HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd
 DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows this file's description and each option's default."""
-
-    def _get_help_string(self, action):
-        # Flags and options whose help says what happens without them need no "(default: None)".
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument(
     "--features",
     type=Path,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import HelpFormatter
 from _protocol import run_protocol
 
 from ltlearn.datasets import long_tailed_subset
@@ -33,16 +34,6 @@ from ltlearn.features.sources import ImageFolderSource
 # sphinx-gallery runs examples without __file__, from their folder.
 _HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 SHARED = _HERE.parents[1] / "shared" / "data"
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows this file's description and each option's default."""
-
-    def _get_help_string(self, action):
-        # Flags and options whose help says what happens without them need no "(default: None)".
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -59,7 +50,7 @@ class _Rows(torch.utils.data.Dataset):
         return self.source[self.rows[i]]
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--zips", type=Path, default=SHARED, help="folder of the two JPEG zips")
 parser.add_argument(
     "--imbalance-ratios",
