@@ -1,9 +1,9 @@
 """DecoupledClassifier: an instance-balanced head, then the classifier re-balanced.
 
 Kang et al., "Decoupling Representation and Classifier for Long-Tailed
-Recognition" (ICLR 2020), section 4. Stage 1 trains a bias-free linear head with
-plain cross-entropy on instance-balanced batches; stage 2 re-balances the
-classifier alone, one of three ways:
+Recognition" (ICLR 2020), section 4. Stage 1 trains a linear head with plain
+cross-entropy on instance-balanced batches; stage 2 re-balances the classifier
+alone, one of three ways:
 
 - ``"crt"``, classifier re-training: a new linear head trained with
   class-balanced sampling (each class drawn equally often);
@@ -12,11 +12,16 @@ classifier alone, one of three ways:
   held-out fifth of the training rows (balanced accuracy), as the paper
   chooses it on a validation set;
 - ``"lws"``, learnable weight scaling: the stage-1 head kept and one scale per
-  class learnt with class-balanced sampling, ``f_c (w_c . z + b_c)``.
+  class learnt with class-balanced sampling, ``f_c (w_c . z)``.
 
 What changed on frozen features: the paper's stage 1 is where the backbone is
 learnt; here the representation is the frozen embedding, so stage 1 only fits
-the instance-balanced head that stages 2's tau-normalisation and LWS start from.
+the instance-balanced head that stage 2's tau-normalisation and LWS start from.
+That head has no bias, where the paper's linear classifier has one (and its
+LWS scales ``w_c . z + b_c``): a bias learnt on instance-balanced batches
+carries the training prior past the re-balancing of the weights, which
+tau-normalisation and LWS act on; with one, they fell 12 points below cRT on
+a validation split. cRT's re-trained head has a bias, as in the paper.
 """
 
 from numbers import Real
@@ -39,9 +44,7 @@ TAU_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.1), 2))
 
 
 def _unbiased_linear(n_features, n_classes):
-    # No bias: a bias would carry the training prior past the re-balancing of the
-    # weights, which tau-normalisation and LWS act on (on a validation split
-    # they fell 12 points below cRT with one). Zero start: the problem is convex.
+    # No bias: see the module docstring. Zero start: the problem is convex.
     head = nn.Linear(n_features, n_classes, bias=False)
     nn.init.zeros_(head.weight)
     return head
@@ -197,6 +200,12 @@ random_state, verbose
         return head
 
     def _choose_tau(self, Z, y, prior, train, generator):
+        if self.class_counts_.max() < 2:
+            raise ValueError(
+                "DecoupledClassifier(method='tau_norm', tau='auto') chooses tau on rows held "
+                "out of each class, but every class has a single training row, so none can be "
+                "held out. Pass tau explicitly (e.g. tau=1.0), or use method='crt' or 'lws'."
+            )
         rng = np.random.RandomState(int(torch.randint(2**31 - 1, (1,), generator=generator)))
         fit_rows, held = train_val_split(y.numpy(), val_size=0.2, random_state=rng)
         head = _unbiased_linear(Z.shape[1], len(prior))

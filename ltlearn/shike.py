@@ -15,7 +15,12 @@ Self-Heterogeneous Integration with Knowledge Excavation" (CVPR 2023).
   :class:`ltlearn.losses.SHIKELoss`, on plain cross-entropy as in the paper.
 - Decoupled re-balancing (the paper's last epochs): the experts' features are
   frozen and new heads trained with Balanced Softmax; predictions average
-  their logits.
+  their logits. The reference code gives it 20 of 200 epochs; here it runs
+  as many epochs as the first stage. It fits linear heads from a random
+  start on fixed features, the problem a :class:`ltlearn.BalancedSoftmaxClassifier`
+  fit solves, and that needs the same schedule (at least 250 optimizer steps
+  with ``"auto"`` epochs); the reference's 20 epochs are about 1,700 steps
+  on CIFAR-100-LT, more than this whole first stage.
 
 What changed on frozen features: the layers are the backbone's pooled
 outputs at several depths, stored side by side by
@@ -37,6 +42,10 @@ from ltlearn.heads import init_linear, make_normalizer
 from ltlearn.losses import LogitAdjustedLoss, SHIKELoss
 
 __all__ = ["SHIKEClassifier", "SHIKENetwork"]
+
+#: Most weights the experts' alignment layers (shallow width x deep width each)
+#: may hold: 2**25 is 134 MB in float32, about 540 MB with gradients and Adam's state.
+MAX_FUSION_PARAMETERS = 2**25
 
 
 def _expert_heads(n_experts, n_classes, n_features, generator):
@@ -161,6 +170,25 @@ def _check_widths(feature_groups, n_features):
     return widths
 
 
+def _check_fusion_size(widths, n_experts, feature_groups):
+    """Refuse alignment layers too large to train (a d x d layer per expert without groups)."""
+    shallow = widths[:-1] or widths
+    n_weights = sum(shallow[i % len(shallow)] for i in range(n_experts)) * widths[-1]
+    if n_weights > MAX_FUSION_PARAMETERS:
+        where = (
+            f"feature_groups=None fuses the {widths[-1]}-wide X with itself"
+            if feature_groups is None
+            else f"feature_groups widths {widths}"
+        )
+        raise ValueError(
+            f"SHIKEClassifier's alignment layers would hold {n_weights:,} weights "
+            f"({where}: a shallow-width x {widths[-1]} layer for each of {n_experts} experts), "
+            f"more than ltlearn.shike.MAX_FUSION_PARAMETERS = {MAX_FUSION_PARAMETERS:,}. Pass "
+            "feature_groups with narrower shallow layers (extract(..., layers=[...]) and "
+            "FeatureFile.feature_groups), fewer n_experts, or reduce X's width (e.g. PCA) first."
+        )
+
+
 class SHIKEClassifier(TorchHeadClassifier):
     """Self-heterogeneous experts over several depths (Jin et al., CVPR 2023).
 
@@ -175,7 +203,9 @@ class SHIKEClassifier(TorchHeadClassifier):
         Widths of the column groups of ``X`` in order, the deepest last
         (``FeatureFile(path).feature_groups`` can be passed as it is). None
         treats ``X`` as one group: each expert fuses the embedding with
-        itself.
+        itself, through a d x d layer. Alignment layers of more than
+        ``MAX_FUSION_PARAMETERS`` (2**25) weights in all are refused (d above
+        about 3,300 with 3 experts and no groups).
     n_experts : int, default=3
     distillation : float or "auto", default="auto"
         Weight of mutual distillation between experts; ``"auto"`` is
@@ -271,6 +301,7 @@ random_state, verbose
 
     def _make_normalizer(self, X):
         self.feature_widths_ = _check_widths(self.feature_groups, X.shape[1])
+        _check_fusion_size(self.feature_widths_, self.n_experts, self.feature_groups)
         return make_normalizer(self.normalize, X, self.feature_widths_)
 
     def _make_criterion(self, class_prior, n_steps):
