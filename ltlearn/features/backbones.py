@@ -286,6 +286,12 @@ def saved_backbone(
 ):
     """A TorchScript file (``torch.jit.save``) or ``torch.export`` program (``.pt2``).
 
+    Both are programs, not weights: loading one and running it runs the code
+    it holds, with your permissions. Load only files from sources you trust,
+    as you would a Python script; for a torchvision architecture, a state
+    dict through :func:`torchvision_backbone` (loaded with
+    ``weights_only=True``) runs no code from the file.
+
     Parameters
     ----------
     path : str or path-like
@@ -428,8 +434,9 @@ def load_backbone(spec, **kwargs):
     ``"efficientnet-lite0"``; ``"open_clip:<model>:<pretrained tag>"`` (the tag
     ``random`` for random weights);
     ``"torchvision:<arch>:<weights file>"``; a path to a TorchScript
-    (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``) file. ``kwargs`` go to
-    the constructor.
+    (``.pt``, ``.ts``) or ``torch.export`` (``.pt2``) file, which is code
+    that runs when the backbone does (see :func:`saved_backbone`: only load
+    files you trust). ``kwargs`` go to the constructor.
 
     Returns
     -------

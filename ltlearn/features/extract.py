@@ -11,6 +11,7 @@ of HDF5 virtual data sets, without copying the features.
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -29,7 +30,7 @@ from ltlearn._training import resolve_device
 from ltlearn.exceptions import FeatureFileError, LtlearnError
 from ltlearn.features.backbones import Backbone
 from ltlearn.features.io import FeatureFile, FeatureWriter
-from ltlearn.features.resize import ResizeNormalize
+from ltlearn.features.resize import ResizeNormalize, resize_uint8
 
 __all__ = ["CorruptImageWarning", "extract", "merge"]
 
@@ -47,16 +48,17 @@ def _uint8_chw(image):
 class _Preprocessed(Dataset):
     """Items ``start .. stop`` of a source, preprocessed; failures become error records.
 
-    With ``raw=True`` an item is the decoded uint8 image (and its views), for
-    a resize in the model's graph; the preprocessing runs later, in
-    :class:`_Collate`, only for batches whose images differ in size.
+    With ``size`` (the model's input height and width), an item is the decoded
+    uint8 image (and its views, at ``size`` when they differ from it in
+    size), for a resize in the model's graph.
     """
 
-    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None, raw=False):
-        self.source, self.preprocess = source, preprocess
+    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None, size=None):
+        self.source = source
         self.start, self.stop = start, stop
         self.views, self.view_transform = views, view_transform
-        self.prepare = _uint8_chw if raw else preprocess
+        self.size = size
+        self.prepare = preprocess if size is None else _uint8_chw
 
     def __len__(self):
         return self.stop - self.start
@@ -67,21 +69,12 @@ class _Preprocessed(Dataset):
             image, label = self.source[index]
             tensors = [self.prepare(image)]
             tensors += [self.prepare(self.view_transform(image)) for _ in range(self.views)]
-            if self.prepare is _uint8_chw and len({t.shape for t in tensors}) > 1:
-                # Views of another size than the image: preprocess them all here.
-                tensors = [self.preprocess(_pil(t)) for t in tensors]
+            if self.size is not None and len({t.shape for t in tensors}) > 1:
+                tensors = [resize_uint8(t, self.size) for t in tensors]
             tensor = torch.stack(tensors) if self.views else tensors[0]  # (1 + views, 3, H, W)
             return index, tensor, int(label), None
         except Exception as exc:  # any decoding problem of any image library
             return index, None, -1, f"{type(exc).__name__}: {exc}"
-
-
-def _pil(tensor):
-    """A uint8 (3, H, W) tensor as a PIL image; float tensors pass through."""
-    if tensor.dtype != torch.uint8:
-        return tensor
-    Image = import_optional("PIL.Image", "extract")
-    return Image.fromarray(tensor.permute(1, 2, 0).numpy())
 
 
 # Rows reach the file in blocks of this many, or of what one second produced if
@@ -123,17 +116,15 @@ class _PendingRows:
 
 
 class _Collate:
-    """Stacks good items into a batch: uint8 when every image has one size, else preprocessed."""
+    """Stacks good items into a batch; uint8 images of mixed sizes are resized to ``size`` first.
 
-    def __init__(self, preprocess):
-        self.preprocess = preprocess
+    :func:`~ltlearn.features.resize.resize_uint8` gives the pixels that the
+    resize in the model's graph gives: an image's row is the same whatever
+    the sizes of the other images in its batch.
+    """
 
-    def _float(self, tensor):
-        if tensor.dtype != torch.uint8:
-            return tensor
-        if tensor.ndim == 4:  # an image and its views
-            return torch.stack([self.preprocess(_pil(t)) for t in tensor])
-        return self.preprocess(_pil(tensor))
+    def __init__(self, size=None):
+        self.size = size
 
     def __call__(self, items):
         good = [item for item in items if item[3] is None]
@@ -141,8 +132,8 @@ class _Collate:
         indices = [item[0] for item in items]
         if good:
             tensors = [item[1] for item in good]
-            if len({(t.dtype, t.shape) for t in tensors}) > 1:
-                tensors = [self._float(t) for t in tensors]
+            if self.size is not None and len({t.shape for t in tensors}) > 1:
+                tensors = [resize_uint8(t, self.size) for t in tensors]
             batch = torch.stack(tensors)
             labels = np.array([item[2] for item in good], dtype=np.int64)
             rows = np.array([item[0] for item in good])
@@ -154,8 +145,9 @@ class _Collate:
 class _OnnxRuntime:
     """The backbone exported to ONNX once (cached at ``onnx_path``) and run by onnxruntime.
 
-    Checked against torch on the first batch of every run: a stale or wrong
-    cached export is re-exported, and one that still disagrees is an error.
+    Checked against torch on the first batch of every run: a stale, wrong or
+    unreadable (truncated, empty) cached export is re-exported, with a warning
+    when it cannot be run, and one that still disagrees is an error.
     A model that cannot be exported is an error when onnxruntime was asked
     for (``strict``), and runs in torch with a warning when it was only the
     automatic choice.
@@ -207,7 +199,18 @@ class _OnnxRuntime:
             probe = batch[:4]
             reference = self.module(probe).float()
             for attempt in ("cached", "fresh"):
-                if attempt == "fresh" or not self.path.exists():
+                if attempt == "cached" and self.path.exists():
+                    try:
+                        self._open()
+                        out = self._run(probe)
+                    except Exception as exc:  # onnxruntime has its own types for a bad model
+                        warnings.warn(
+                            f"The cached ONNX export {self.path} cannot be run ({exc}); "
+                            "exporting it again.",
+                            stacklevel=3,
+                        )
+                        continue
+                else:
                     try:
                         self._export(batch)
                     except Exception as exc:  # exporters fail in many ways on unusual ops
@@ -217,8 +220,8 @@ class _OnnxRuntime:
                         warnings.warn(f"{message}; running it in torch.", stacklevel=3)
                         self.fallback = True
                         return self.module(batch)
-                self._open()
-                out = self._run(probe)
+                    self._open()
+                    out = self._run(probe)
                 scale = reference.abs().max().clamp_min(1e-12)
                 if out.shape == reference.shape and (out - reference).abs().max() <= 1e-3 * scale:
                     return self._run(batch)
@@ -236,7 +239,8 @@ class _Embedding(torch.nn.Module):
     normalises first (:class:`~ltlearn.features.resize.ResizeNormalize`).
     With ``layers``, the pooled outputs of those submodules come first, side
     by side, then the embedding; ``widths`` holds each part's width after a
-    forward pass.
+    forward pass. A layer that runs more than once per forward pass (a shared
+    activation module) is an error.
     """
 
     def __init__(self, backbone, resize=None, layers=()):
@@ -257,25 +261,37 @@ class _Embedding(torch.nn.Module):
                 x = self.resize(x)
         if not self.layers:
             return self.backbone.embed(x)
-        taken = {}
+        taken = {name: [] for name in self.layers}
+
+        def keep(module, args, output, *, name):
+            # Pooled at once: a later in-place op (ReLU(inplace=True)) would change the output.
+            # Returns None: a forward hook's return value would replace the module's output.
+            taken[name].append(_pooled(output, name))
+
         # Hooks live for one pass only: the caller's module is left as it was.
+        modules = [self.module.get_submodule(name) for name in self.layers]
         handles = [
-            self.module.get_submodule(name).register_forward_hook(
-                lambda module, args, output, name=name: taken.setdefault(name, output)
-            )
-            for name in self.layers
+            module.register_forward_hook(functools.partial(keep, name=name))
+            for module, name in zip(modules, self.layers, strict=True)
         ]
         try:
             embedding = self.backbone.embed(x)
         finally:
             for handle in handles:
                 handle.remove()
-        missing = [name for name in self.layers if name not in taken]
+        missing = [name for name in self.layers if not taken[name]]
         if missing:
             raise LtlearnError(
                 f"layers {missing} of {self.backbone.name} did not run in its forward pass."
             )
-        parts = [_pooled(taken[name], name) for name in self.layers] + [embedding]
+        repeated = {name: len(calls) for name, calls in taken.items() if len(calls) > 1}
+        if repeated:
+            raise LtlearnError(
+                f"layers {sorted(repeated)} of {self.backbone.name} run more than once per "
+                f"forward pass (calls: {repeated}), so they have no single output to store. "
+                "Name a submodule that runs once, such as the block that calls them."
+            )
+        parts = [taken[name][0] for name in self.layers] + [embedding]
         self.widths = [int(part.shape[1]) for part in parts]
         return torch.cat([part.to(embedding.dtype) for part in parts], dim=1)
 
@@ -403,12 +419,16 @@ def extract(
         The ``.h5`` file. If it exists it is resumed (rows already done are
         skipped), provided it was written by the same backbone, weights and
         preprocessing and has the same classes; otherwise an error names the
-        difference.
+        difference. A file that already holds the whole split is only read,
+        so rerunning a finished extraction does nothing, even onto a read-only
+        file. A directory or a device (``/dev/null``) is refused.
     split : str, default=None
         Group of the file the rows go to. None: the single top-level folder of
         an image folder or zip laid out as ``<split>/<class>/<file>``, else
         ``"train"``; for a CIFAR directory given as a path, also which of its
-        splits is read.
+        splits is read. It names a group at the root of the file: a
+        non-empty name without ``/``, other than ``.``, ``..`` and
+        ``classes``.
     batch_size : int, default=64
     num_workers : int, default=None
         DataLoader worker processes. None uses none when the model runs on
@@ -428,6 +448,8 @@ def extract(
         An image that cannot be decoded is skipped with a
         :class:`CorruptImageWarning` naming it, or stops the run with an error
         naming it. Skipped ids are listed in the split's ``skipped`` attribute.
+        When every image fails, nothing is written and an error names how many
+        failed and the first failure.
     shard : (int, int), default=None
         ``(i, n)``: process only the i-th of n contiguous slices of the source
         (one process or GPU per shard); join the files with :func:`merge`.
@@ -443,7 +465,11 @@ def extract(
         and a batch's images share one size, the workers send the decoded
         uint8 images and the resize runs inside the model
         (:mod:`ltlearn.features.resize`); that export is cached as
-        ``<path>.<H>x<W>.onnx``. Delete the ``.onnx`` files after a finished
+        ``<path>.<H>x<W>.onnx``. In a batch of several sizes, the workers
+        resize the images to the model's input size with the same integer
+        arithmetic, so an image's row never depends on its batch neighbours.
+        A cached export that cannot be loaded (truncated, empty) is exported
+        again, with a warning. Delete the ``.onnx`` files after a finished
         run if the disk space matters; a rerun re-exports them.
     views : int, default=0
         Augmented views per image, embedded besides the plain view and stored
@@ -462,6 +488,10 @@ def extract(
         records each part's name and width (:attr:`FeatureFile.feature_groups`;
         ``FeatureFile.read(split, groups=[...])`` reads some of them), for
         estimators that use several depths (:class:`ltlearn.SHIKEClassifier`).
+        A submodule that runs more than once per forward pass (a shared
+        activation module, such as the ``relu`` of torchvision's residual
+        blocks or ``model._swish`` of EfficientNet-Lite0) has no single output
+        and is refused with an error naming it; name the block instead.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -498,6 +528,14 @@ def extract(
         raise ValueError(f"views must be a non-negative int; got {views!r}.")
     if views and not callable(view_transform):
         raise ValueError("views > 0 needs a view_transform (PIL image -> augmented PIL image).")
+    if split is not None:
+        _check_split(split)
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"path {str(path)!r} exists and is not a regular file (a directory or a device); "
+            "extract writes an HDF5 file: name a file such as 'features.h5'."
+        )
     if isinstance(source, (str, os.PathLike)):
         from ltlearn.features.sources import open_source
 
@@ -512,8 +550,9 @@ def extract(
             f"as 'efficientnet-lite0'; got {type(backbone).__name__}."
         )
     layers = _check_layers(backbone, layers)
-    split = split or getattr(source, "prefix", "") or "train"
-    path = Path(path)
+    if split is None:
+        split = getattr(source, "prefix", "") or "train"
+        _check_split(split, f"the source's folder {split!r}, the default split name,")
     device = resolve_device(device)
     ids = getattr(source, "ids", None) or [str(i) for i in range(len(source))]
     start, stop = _shard_range(len(source), shard)
@@ -522,6 +561,8 @@ def extract(
         attrs["layers"] = json.dumps(layers)
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
+    if not overwrite and _finished(path, split, source.classes, attrs, stop - start):
+        return path
     mode = "w" if overwrite else "a"
     with (
         FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer,
@@ -530,18 +571,21 @@ def extract(
         recorded = writer.progress(split)
         done = int(recorded.get("items_done", 0))
         skipped = [str(s) for s in recorded.get("skipped", [])]
+        first_error = None
         if done >= stop - start:
+            _check_not_all_skipped(writer, path, split, skipped, first_error)
             return path
         if num_workers is None:
             num_workers = 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
-        raw = getattr(backbone.preprocess, "resize_spec", lambda: None)() is not None
+        spec = getattr(backbone.preprocess, "resize_spec", lambda: None)()
+        size = None if spec is None else tuple(spec[0])
         loader = DataLoader(
             _Preprocessed(
-                source, backbone.preprocess, start + done, stop, views, view_transform, raw=raw
+                source, backbone.preprocess, start + done, stop, views, view_transform, size=size
             ),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_Collate(backbone.preprocess),
+            collate_fn=_Collate(size),
             pin_memory=device.type == "cuda",
         )
         if isinstance(backbone.module, torch.nn.Module):
@@ -574,6 +618,7 @@ def extract(
                         where = f"image {ids[index]!r} (item {index})"
                         if on_error == "raise":
                             raise LtlearnError(f"Could not read {where}: {message}")
+                        first_error = first_error or f"{where}: {message}"
                         warnings.warn(
                             f"Skipped {where}: {message}", CorruptImageWarning, stacklevel=2
                         )
@@ -602,7 +647,68 @@ def extract(
                 # Rows computed before an error or an interrupt are kept.
                 if pending.rows:
                     pending.write(writer, split, pending.items_done, skipped)
+        _check_not_all_skipped(writer, path, split, skipped, first_error)
     return path
+
+
+# Names the file layout (ltlearn.features.io) uses at the root of a feature file.
+_ROOT_NAMES = ("classes",)
+
+
+def _check_split(split, what="split"):
+    """Refuse a split name that is not one HDF5 group at the root of the file."""
+    if (
+        not isinstance(split, str)
+        or split in ("", ".", "..", *_ROOT_NAMES)
+        or "/" in split
+        or "\0" in split
+    ):
+        raise ValueError(
+            f"{what} must name one group of the feature file: a non-empty string without "
+            f"'/', other than '.', '..' and {list(_ROOT_NAMES)}; got {split!r}. "
+            "Pass split='train' (or another name)."
+        )
+
+
+def _finished(path, split, classes, attrs, n_items):
+    """Whether ``path`` already holds all ``n_items`` of ``split`` from this backbone and classes.
+
+    Read-only: a finished file is left alone, even where it cannot be written.
+    Anything else (incomplete, foreign, unreadable) is left to the writer,
+    which resumes it or names the problem.
+    """
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get(split)
+            if not isinstance(group, h5py.Group) or "classes" not in f:
+                return False
+            if int(group.attrs.get("n_rows", 0)) < 1:
+                return False
+            if int(group.attrs.get("items_done", -1)) < n_items:
+                return False
+            if list(f["classes"].asstr()[()]) != [str(c) for c in classes]:
+                return False
+            return all(
+                f.attrs.get(key, value) == value for key, value in attrs.items() if key != "created"
+            )
+    except (OSError, TypeError, ValueError):  # not a feature file: the writer says why
+        return False
+
+
+def _check_not_all_skipped(writer, path, split, skipped, first_error):
+    """No rows at all because every image failed to decode is an error, not a finished run."""
+    if writer.n_rows(split) or not skipped:
+        return
+    # Forget the progress: a rerun after fixing the images starts from the first.
+    writer.record_progress(split, items_done=0, skipped=[])
+    first = first_error or f"image {skipped[0]!r}"
+    raise LtlearnError(
+        f"None of the {len(skipped)} images of split {split!r} could be read, so nothing was "
+        f"written to {str(path)!r}; the first failure: {first}. Check that the "
+        "source holds images that Pillow can open."
+    )
 
 
 @contextlib.contextmanager

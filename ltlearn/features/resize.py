@@ -14,10 +14,15 @@ affine normalisation: the same separable kernel (``a = -0.5``, support 2,
 widened by the scale when shrinking), the coefficients rounded to 22 fraction
 bits as PIL's 8-bit path rounds them, the horizontal pass first, and rounding
 and clipping to 0..255 after each pass, since PIL keeps its intermediate image
-in 8 bits. Sums run in float32, so a pixel whose exact value lies within about
-1e-5 of a rounding boundary can come out one or two levels off: measured, about
-one pixel in ten thousand, which leaves the embeddings unchanged at float16
-storage precision.
+in 8 bits. The sums run in float64, in which every product of a pixel and a
+fixed-point coefficient and every partial sum is exact: the resized pixels are
+the integers of PIL's fixed-point arithmetic whatever the order of the sums,
+so onnxruntime, torch on the CPU and CUDA all give the same ones, and
+:func:`resize_uint8` (the same arithmetic on one image, for the loader's
+workers) gives them too. That is what keeps an image's embedding independent
+of the other images in its batch. (Pillow builds that run the vertical pass
+first for some shapes differ from it by a level on some pixels; the embedding
+does not depend on which build is installed.)
 """
 
 from functools import lru_cache
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ResizeNormalize", "pil_bicubic_matrix"]
+__all__ = ["ResizeNormalize", "pil_bicubic_matrix", "resize_uint8"]
 
 # PIL's 8-bit resampling keeps its coefficients in fixed point with 22 fraction bits.
 _PRECISION_BITS = 22
@@ -67,12 +72,18 @@ def pil_bicubic_matrix(in_size, out_size):
     filter_scale = max(scale, 1.0)
     support = 2.0 * filter_scale
     matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    # PIL multiplies by the inverse scale and sums the taps in order: the same
+    # floating-point steps give the same coefficients after rounding.
+    inverse = 1.0 / filter_scale
     for out in range(out_size):
         center = (out + 0.5) * scale
         start = max(int(center - support + 0.5), 0)
         stop = min(int(center + support + 0.5), in_size)
-        taps = np.array([_bicubic((x - center + 0.5) / filter_scale) for x in range(start, stop)])
-        total = taps.sum()
+        taps = [_bicubic((x - center + 0.5) * inverse) for x in range(start, stop)]
+        total = 0.0
+        for tap in taps:
+            total += tap
+        taps = np.array(taps)
         if total != 0.0:
             taps = taps / total
         # PIL rounds each coefficient half away from zero onto its fixed-point grid.
@@ -80,6 +91,65 @@ def pil_bicubic_matrix(in_size, out_size):
         fixed = np.where(taps < 0, np.ceil(grid - 0.5), np.floor(grid + 0.5))
         matrix[out, start:stop] = fixed / 2**_PRECISION_BITS
     return matrix.astype(np.float32)
+
+
+@lru_cache(maxsize=64)
+def _band(in_size, out_size):
+    """The nonzero band of :func:`pil_bicubic_matrix`: input indices and integer weights.
+
+    Returns ``(index, weight)``, both int64 tensors of shape (out_size, taps):
+    output pixel ``i`` is ``sum(weight[i] * pixel[index[i]])`` in units of
+    ``2 ** -22``; padding taps have weight 0.
+    """
+    matrix = pil_bicubic_matrix(in_size, out_size).astype(np.float64) * 2**_PRECISION_BITS
+    nonzero = matrix != 0
+    first = nonzero.argmax(axis=1)
+    last = in_size - 1 - nonzero[:, ::-1].argmax(axis=1)
+    span = first[:, None] + np.arange(int((last - first).max()) + 1)
+    index = span.clip(max=in_size - 1)
+    weight = np.where(span <= last[:, None], np.take_along_axis(matrix, index, axis=1), 0.0)
+    return torch.from_numpy(index), torch.from_numpy(weight.astype(np.int64))
+
+
+def _resize_last_axis(pixels, out_size):
+    index, weight = _band(pixels.shape[-1], out_size)
+    # PIL's fixed-point sum: half a unit added, then an arithmetic shift (a floor).
+    total = (pixels[..., index] * weight).sum(dim=-1) + (1 << (_PRECISION_BITS - 1))
+    return torch.clamp(total >> _PRECISION_BITS, 0, 255)
+
+
+def resize_uint8(images, out_size):
+    """uint8 images (..., 3, H, W) resized to ``out_size`` as :class:`ResizeNormalize` resizes them.
+
+    The same fixed-point arithmetic in integers, over the band of nonzero
+    coefficients only: cheap enough for the loader's worker processes, and
+    equal, pixel for pixel, to the resize inside the model's graph.
+
+    Parameters
+    ----------
+    images : uint8 tensor of shape (..., 3, H, W)
+    out_size : (int, int)
+        Output height and width.
+
+    Returns
+    -------
+    resized : uint8 tensor of shape (..., 3, out_size[0], out_size[1])
+
+    Examples
+    --------
+    >>> import torch
+    >>> images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    >>> module = ResizeNormalize((5, 7), (9, 4), scale=[1.0] * 3, shift=[0.0] * 3)
+    >>> bool((resize_uint8(images, (9, 4)).float() == module(images)).all())
+    True
+    """
+    out_h, out_w = out_size
+    x = images.to(torch.int64)
+    if x.shape[-1] != out_w:
+        x = _resize_last_axis(x, out_w)
+    if x.shape[-2] != out_h:
+        x = _resize_last_axis(x.transpose(-1, -2), out_h).transpose(-1, -2)
+    return x.to(torch.uint8)
 
 
 class ResizeNormalize(nn.Module):
@@ -109,15 +179,18 @@ class ResizeNormalize(nn.Module):
         (in_h, in_w), (out_h, out_w) = in_size, out_size
         # A pass that keeps its size is skipped, as PIL skips it.
         self.resize_rows, self.resize_cols = in_h != out_h, in_w != out_w
-        self.register_buffer("rows", torch.from_numpy(pil_bicubic_matrix(in_h, out_h)))
-        self.register_buffer("cols_t", torch.from_numpy(pil_bicubic_matrix(in_w, out_w).T.copy()))
+        # float64: exact sums (see the module docstring), the same on every engine and device.
+        rows = pil_bicubic_matrix(in_h, out_h).astype(np.float64)
+        cols_t = pil_bicubic_matrix(in_w, out_w).T.astype(np.float64)
+        self.register_buffer("rows", torch.from_numpy(rows))
+        self.register_buffer("cols_t", torch.from_numpy(cols_t.copy()))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = images.float()
+        x = images.double()
         if self.resize_cols:
             x = torch.clamp(torch.floor(torch.matmul(x, self.cols_t) + 0.5), 0.0, 255.0)
         if self.resize_rows:
             x = torch.clamp(torch.floor(torch.matmul(self.rows, x) + 0.5), 0.0, 255.0)
-        return x * self.scale + self.shift
+        return x.float() * self.scale + self.shift

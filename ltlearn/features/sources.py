@@ -60,7 +60,8 @@ def open_source(spec, *, split="train", prefix=None, list_file=False, root=None)
     ----------
     spec : str or path-like
         An image folder or ``.zip`` (``<class>/<file>``, optionally under one
-        top-level folder), a CIFAR python directory, or a list file of
+        top-level folder), a CIFAR python directory (recognised by its
+        complete set of files, see :class:`CIFARSource`), or a list file of
         ``path label`` lines (``.txt``, or ``list_file=True``).
     split : str, default="train"
         For a CIFAR directory, which of its splits (``"train"`` or ``"test"``).
@@ -85,11 +86,48 @@ def open_source(spec, *, split="train", prefix=None, list_file=False, root=None)
     return ImageFolderSource(path, prefix=prefix or "")
 
 
+def _folder_files(root):
+    """Paths (POSIX, relative to ``root``) of the files under ``root``.
+
+    Links are followed only where they stay inside ``root``: a folder from
+    elsewhere must not make extraction read (and embed) files outside it.
+    Linked directories are not descended into (their targets, inside
+    ``root``, are walked anyway).
+    """
+    inside = root.resolve()
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                # DirEntry answers from the directory listing: no stat per file.
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if not target.is_relative_to(inside):
+                        raise ValueError(
+                            f"{entry.path!r} in the image folder {str(root)!r} is a link to "
+                            f"{str(target)!r}, outside the folder; links out of an image folder "
+                            "are refused. Copy the images into the folder, or list them in a "
+                            "list file of 'path label' lines (ListFileSource), which may point "
+                            "anywhere."
+                        )
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file():
+                    yield Path(entry.path).relative_to(root).as_posix()
+
+
 class ImageFolderSource(Dataset):
     """Images stored as ``<root>/<class>/<file>``, in a directory or a zip file.
 
     Classes are the sorted sub-directory names; inside a zip file nothing is
     unpacked (each worker process opens the archive itself).
+
+    What is refused, with an error naming it: images laid out both as
+    ``<class>/<file>`` and as ``<split>/<class>/<file>`` without a
+    ``prefix`` to choose (one layout would be silently dropped); zip entries
+    with an absolute path or a ``..`` component; in a directory, links
+    (symbolic) to files or folders outside it. Links that stay inside the
+    directory are followed for files; linked folders are not descended into.
 
     Parameters
     ----------
@@ -126,17 +164,27 @@ class ImageFolderSource(Dataset):
             with zipfile.ZipFile(self.root) as archive:
                 names = [n for n in archive.namelist() if not n.endswith("/")]
         else:
-            names = [
-                str(PurePosixPath(Path(dirpath, f).relative_to(self.root)))
-                for dirpath, _, files in os.walk(self.root)
-                for f in files
-            ]
+            names = list(_folder_files(self.root))
         images = [n for n in sorted(names) if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS]
+        for name in images:
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts:
+                raise ValueError(
+                    f"{str(self.root)!r} holds the entry {name!r}, which points outside the "
+                    "archive (an absolute path or a '..' component); refusing to read it. "
+                    "Repack the archive with paths relative to its top."
+                )
         pairs = _class_pairs(images, prefix)
         # Three-part paths under one top-level folder: <split>/<class>/<file>.
-        tops = sorted(
-            {PurePosixPath(n).parts[0] for n in images if len(PurePosixPath(n).parts) == 3}
-        )
+        nested = [n for n in images if len(PurePosixPath(n).parts) == 3]
+        tops = sorted({PurePosixPath(n).parts[0] for n in nested})
+        if pairs and nested and prefix is None:
+            raise ValueError(
+                f"{str(self.root)!r} holds images laid out both as <class>/<file> (e.g. "
+                f"{pairs[0][0]!r}) and as <split>/<class>/<file> (e.g. {nested[0]!r}), so "
+                f"which are the classes is ambiguous. Pass prefix= one of the folders {tops} "
+                "(--prefix on the command line) to read that split, or keep one layout."
+            )
         if not pairs and prefix is None and len(tops) == 1:
             prefix = PurePosixPath(tops[0])
             pairs = _class_pairs(images, prefix)
@@ -178,6 +226,37 @@ class ImageFolderSource(Dataset):
         return state
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that CIFAR data does not use."""
+
+
+# What unpickling a numpy array or scalar calls, taken from numpy itself; the
+# pickles name it under numpy.core (numpy 1) or numpy._core (numpy 2).
+_ARRAY_GLOBALS = {
+    (f"numpy.{core}.{module}", function.__name__): function
+    for core in ("core", "_core")
+    for module, function in (
+        ("multiarray", np.zeros(0).__reduce__()[0]),
+        ("multiarray", np.int64(0).__reduce__()[0]),
+        ("numeric", np.zeros(0).__reduce_ex__(5)[0]),  # pickle protocol 5
+    )
+}
+_ARRAY_GLOBALS |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str, bytes, numbers and numpy arrays, and nothing else.
+
+    A pickle runs code only through the globals it names; admitting only
+    numpy's array and scalar reconstruction leaves it none to run.
+    """
+
+    def find_class(self, module, name):
+        if (module, name) in _ARRAY_GLOBALS:
+            return _ARRAY_GLOBALS[module, name]
+        raise _RefusedGlobal(f"the global {module}.{name}")
+
+
 class CIFARSource(Dataset):
     """CIFAR-10 or CIFAR-100 in the python pickle format (``cifar-10-batches-py/``, ...).
 
@@ -192,6 +271,15 @@ class CIFARSource(Dataset):
         offline this fails with a message saying where to put the files.
     variant : {"cifar10", "cifar100"}, default=None
         Which one to download; when reading, it is recognised from the files.
+
+    Notes
+    -----
+    A directory is CIFAR data only with every file of the layout, as regular
+    files: ``batches.meta``, ``data_batch_1`` .. ``data_batch_5`` and
+    ``test_batch`` (CIFAR-10), or ``meta``, ``train`` and ``test``
+    (CIFAR-100). The pickles are read by an unpickler that admits only
+    dicts, lists, strings, numbers and numpy arrays, so a planted pickle
+    cannot run code: it is an error naming the file.
     """
 
     _DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -211,17 +299,17 @@ class CIFARSource(Dataset):
                 "https://www.cs.toronto.edu/~kriz/cifar.html), or pass download=True when online."
             )
         self.split = split
-        if (directory / "batches.meta").exists():
-            meta, label_key = self._load(directory / "batches.meta"), "labels"
+        if self._complete(directory, self._CIFAR10):
+            meta, label_key = self._load(directory / "batches.meta", "label_names"), "labels"
             names = meta["label_names"]
             files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         else:
-            meta, label_key = self._load(directory / "meta"), "fine_labels"
+            meta, label_key = self._load(directory / "meta", "fine_label_names"), "fine_labels"
             names = meta["fine_label_names"]
             files = [split]
         images, labels = [], []
         for name in files:
-            batch = self._load(directory / name)
+            batch = self._load(directory / name, "data", label_key)
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch[label_key])
         self.images = np.concatenate(images).transpose(0, 2, 3, 1)
@@ -229,25 +317,52 @@ class CIFARSource(Dataset):
         self.classes = [str(n) for n in names]
         self.ids = [f"{split}/{i:05d}" for i in range(len(self.labels))]
 
+    # The files of each layout, all regular files: a folder that merely holds
+    # something called "meta" is not CIFAR data (and is never unpickled).
+    _CIFAR10 = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+    _CIFAR100 = ("meta", "train", "test")
+
+    @staticmethod
+    def _complete(directory, layout):
+        return all((directory / name).is_file() for name in layout)
+
     @classmethod
     def _find(cls, root):
         for candidate in (root, *(root / d for d in cls._DIRS.values())):
-            if (candidate / "batches.meta").exists() or (candidate / "meta").exists():
+            if any(cls._complete(candidate, layout) for layout in (cls._CIFAR10, cls._CIFAR100)):
                 return candidate
         return None
 
     @staticmethod
-    def _load(path):
+    def _load(path, *keys):
         if not path.exists():
             raise FileNotFoundError(f"CIFAR file {str(path)!r} is missing.")
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+            try:
+                raw = _CIFARUnpickler(f, encoding="bytes").load()
+            except _RefusedGlobal as exc:
+                raise ValueError(
+                    f"CIFAR file {str(path)!r} refers to {exc}, which CIFAR data never does; "
+                    "refusing to load it (unpickling it could run code). Download the data "
+                    "again from https://www.cs.toronto.edu/~kriz/cifar.html."
+                ) from None
+            except Exception as exc:  # truncated or garbled: pickle raises many types
+                raise ValueError(
+                    f"CIFAR file {str(path)!r} cannot be read as a CIFAR pickle ({exc})."
+                ) from exc
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"CIFAR file {str(path)!r} holds a {type(raw).__name__}, not a CIFAR dict."
+            )
         data = {}
         for key, value in raw.items():
             key = key.decode() if isinstance(key, bytes) else key
             if key.endswith("label_names") or key == "filenames":
                 value = [v.decode() if isinstance(v, bytes) else v for v in value]
             data[key] = value
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise ValueError(f"CIFAR file {str(path)!r} lacks the entries {missing}.")
         return data
 
     @classmethod
