@@ -17,7 +17,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from scipy.special import softmax
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
@@ -138,6 +138,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "calibration_cv": [Interval(Integral, 2, None, closed="left"), None],
     }
 
     @abstractmethod
@@ -194,28 +195,45 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """Logits of validated ``X`` whose softmax is the posterior under ``class_prior_``."""
 
     #: Attributes that :meth:`adapt` sets and :meth:`reset_adaptation` removes.
-    _adapted_attributes = ("test_prior_",)
+    _adapted_attributes = (
+        "test_prior_",
+        "test_prior_interval_",
+        "test_prior_effective_rows_",
+        "shift_pvalue_",
+        "shift_detected_",
+        "_adapted_logits_",
+    )
 
     def _adapted_prior_shift(self):
-        """``log(test_prior_ / class_prior_)`` after :meth:`adapt`, else None."""
-        prior = getattr(self, "test_prior_", None)
-        if prior is None:
-            return None
-        with np.errstate(divide="ignore"):  # an estimated zero rules its class out
-            return np.log(prior) - np.log(self.class_prior_)
+        """None: adaptation is applied in ``_view_scores``."""
+        return None
 
-    def adapt(self, X, *, method="map", validation=None, views=None, **options):
-        """Infer the class prior of unlabeled rows and predict for it from now on.
+    def _balanced_logits(self, X):
+        """Logits of validated ``X`` whose softmax is the posterior under a uniform prior.
+
+        Adapted predictions are these, calibrated, plus the log of the
+        adapted prior.
+        """
+        return self._source_logits(X).astype(np.float64) - np.log(self.class_prior_)
+
+    def adapt(
+        self, X, *, method="map", validation=None, views=None, significance=0.05, **options
+    ):
+        """Infer the class prior of unlabeled rows and predict for it from now on, if it shifted.
 
         A transductive step: estimates the class frequencies of ``X`` (the
         unlabeled test features, or a sample of them) with
-        :func:`ltlearn.adaptation.estimate_test_prior`, stores them as
-        ``test_prior_``, and makes every prediction method shift the logits
-        to that prior, until the next ``adapt``, :meth:`reset_adaptation` or
-        ``fit``. Predictions never change with the batch passed to
-        ``predict``; only ``adapt`` changes them. The adapted prior takes
-        precedence over the ``test_prior`` parameter. ``clone`` gives an
-        unadapted copy; pickles keep the adapted state.
+        :func:`ltlearn.adaptation.estimate_test_prior`, from posteriors
+        calibrated by the temperature cross-fitted in ``fit``
+        (``calibration_cv``), and tests whether they differ from the prior
+        the model predicts for today (uniform for a balanced model). Only
+        when the test rejects "no shift" at ``significance`` do predictions
+        change: every prediction method then returns the calibrated
+        posteriors for ``test_prior_``, until the next ``adapt``,
+        :meth:`reset_adaptation` or ``fit``. Predictions never change with the
+        batch passed to ``predict``; only ``adapt`` changes them. The adapted
+        prior takes precedence over the ``test_prior`` parameter. ``clone``
+        gives an unadapted copy; pickles keep the adapted state.
 
         Parameters
         ----------
@@ -226,19 +244,33 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             needs no labeled data and shrinks small samples toward "no shift".
         validation : (X_val, y_val), default=None
             Held-out labeled rows from the training distribution: needed by
-            ``"bbse"`` and ``"rlls"``, used by ``"em"`` and ``"map"`` to
-            recalibrate the posteriors first (BCTS).
+            ``"bbse"`` and ``"rlls"``; ``"em"`` and ``"map"`` recalibrate the
+            posteriors on them (BCTS), and the adapted predictions are the
+            recalibrated posteriors shifted to the estimated prior.
         views : None
             Augmented views are used by :class:`~ltlearn.SADEClassifier`'s
             aggregation only; label-shift estimation reads ``X``.
+        significance : float in (0, 1) or None, default=0.05
+            Level of the likelihood-ratio test of "no shift" that decides
+            whether predictions change; None adapts whatever the test says.
         **options
             Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`
-            (``pseudo_counts``, ``regularization``, ``calibrate``, ...).
+            (``pseudo_counts``, ``regularization``, ``calibrate``,
+            ``confidence``, ...).
 
         Returns
         -------
         self : object
-            The estimator, adapted.
+            The estimator, adapted when a shift was detected.
+
+        Attributes
+        ----------
+        After ``adapt``, the estimator holds ``test_prior_`` (the estimate,
+        whether or not a shift was detected), ``test_prior_interval_`` (shape
+        (2, n_classes), lower and upper bounds at ``confidence``, default 90
+        %; NaN for ``"bbse"`` and ``"rlls"``), ``test_prior_effective_rows_``
+        (the number of labeled rows that would pin the prior down as
+        precisely), ``shift_pvalue_`` and ``shift_detected_``.
         """
         from ltlearn.adaptation import estimate_test_prior
 
@@ -247,10 +279,29 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__}.adapt estimates the test prior from X alone; views are "
                 "used by SADEClassifier's test-time aggregation."
             )
+        if "return_details" in options:
+            raise TypeError("adapt() always keeps the details; return_details is not an option.")
         check_is_fitted(self)
-        prior = estimate_test_prior(self, X, method=method, validation=validation, **options)
         self.reset_adaptation()
-        self.test_prior_ = prior
+        details = estimate_test_prior(
+            self,
+            X,
+            method=method,
+            validation=validation,
+            significance=significance,
+            return_details=True,
+            **options,
+        )
+        self.test_prior_ = details.estimate
+        self.test_prior_interval_ = details.interval
+        self.test_prior_effective_rows_ = details.effective_rows
+        self.shift_pvalue_ = details.pvalue
+        self.shift_detected_ = details.shift_detected
+        if details.shift_detected:
+            with np.errstate(divide="ignore"):  # an estimated zero rules its class out
+                log_prior = np.log(details.prior)
+            # Adapted logits: scale * balanced logits + this offset.
+            self._adapted_logits_ = (details.scale, details.offset + log_prior)
         return self
 
     def reset_adaptation(self):
@@ -282,10 +333,15 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 views = views.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"views passed to {where} must be a numeric array.") from exc
-        if views.ndim != 3 or views.shape[0] != n_rows or views.shape[2] != self.n_features_in_:
+        if (
+            views.ndim != 3
+            or views.shape[0] != n_rows
+            or views.shape[1] < 1
+            or views.shape[2] != self.n_features_in_
+        ):
             raise ValueError(
                 f"views passed to {where} must have shape ({n_rows}, n_views, "
-                f"{self.n_features_in_}) (the rows of X, then their views, e.g. "
+                f"{self.n_features_in_}) with n_views >= 1 (the rows of X, then their views, e.g. "
                 f"FeatureFile.views(split)); got shape {views.shape}."
             )
         if not np.all(np.isfinite(views)):
@@ -447,7 +503,75 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()
         self.criterion_ = criterion
         self.device_ = str(device)
+        self.calibration_temperature_ = (
+            1.0
+            if split is not None or getattr(self, "calibration_cv", None) is None
+            else self._cross_fitted_temperature(X, y, sample_weight, views)
+        )
         return self
+
+    def _cross_fitted_temperature(self, X, y, sample_weight, views):
+        """Temperature of the balanced logits, fitted on out-of-fold predictions.
+
+        Each of ``calibration_cv`` folds is predicted by a copy of this
+        estimator fitted on the other folds; the temperature ``T`` minimises
+        the weighted negative log-likelihood of ``softmax(f / T + log p)``
+        over all out-of-fold rows, ``f`` being the balanced logits and ``p``
+        the fold model's class prior (which the temperature must not scale).
+        Label-shift estimation reads posteriors calibrated this way: a head
+        regularised for accuracy is under-confident on small sets, which EM
+        turns into a prior biased toward the tail.
+        """
+        from sklearn.model_selection import StratifiedKFold
+
+        from ltlearn.calibration import _fit_temperature
+
+        counts = self.class_counts_
+        n_splits = min(self.calibration_cv, int(counts.max()))
+        if n_splits < 2:
+            return 1.0
+        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+        folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            # Classes with fewer rows than folds are left out of some training folds.
+            warnings.filterwarnings("ignore", message="The least populated class")
+            splits = list(folds.split(X, y))
+        n_classes = len(self.classes_)
+        logits, offsets, targets, weights = [], [], [], []
+        for train, held in splits:
+            if len(np.unique(y[train])) < 2:
+                continue
+            fold = clone(self).set_params(calibration_cv=None, verbose=False)
+            fold.fit(
+                X[train],
+                y[train],
+                sample_weight[train],
+                views=None if views is None else views[train],
+            )
+            held = held[np.isin(y[held], fold.classes_)]
+            if not held.size:
+                continue
+            columns = np.searchsorted(self.classes_, fold.classes_)
+            balanced = np.zeros((len(held), n_classes))
+            balanced[:, columns] = fold._balanced_logits(X[held])
+            # A class the fold never saw cannot be predicted by it.
+            offset = np.full(n_classes, -np.inf)
+            offset[columns] = np.log(fold.class_prior_)
+            logits.append(balanced)
+            offsets.append(np.broadcast_to(offset, balanced.shape))
+            targets.append(np.searchsorted(self.classes_, y[held]))
+            weights.append(sample_weight[held].astype(np.float64))
+        if not logits or np.concatenate(weights).sum() <= 0:
+            return 1.0
+        temperature, _ = _fit_temperature(
+            np.concatenate(logits),
+            np.concatenate(targets),
+            np.concatenate(weights),
+            bounds=(0.01, 100.0),
+            fit_bias=False,
+            offset=np.concatenate(offsets),
+        )
+        return temperature
 
     def _streamed_labels(self, split, y):
         """``y`` for rows streamed from ``split``, checked; the split's labels when None."""
@@ -505,14 +629,29 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         averaging probabilities and keeps ``decision_function`` linear in
         the views.
         """
-        scores = self._scores(X, *args)
-        if views is None:
-            return scores
-        views = self._check_views(views, len(scores), "prediction")
-        total = scores.astype(np.float64)
-        for v in range(views.shape[1]):
-            total += self._scores(views[:, v], *args)
-        return (total / (views.shape[1] + 1)).astype(np.float32)
+        adapted = getattr(self, "_adapted_logits_", None)
+        if adapted is not None and all(a is None for a in args):
+            # Adapted: the calibrated balanced logits plus the adapted offset.
+            check_is_fitted(self)
+            X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+            views = None if views is None else self._check_views(views, len(X), "prediction")
+            score = self._balanced_logits
+            scale, offset = adapted
+            args = ()
+            scores = score(X)
+        else:
+            score = self._scores
+            scale, offset = 1.0, None
+            scores = score(X, *args)
+        if views is not None:
+            views = self._check_views(views, len(scores), "prediction")
+            total = scores.astype(np.float64)
+            for v in range(views.shape[1]):
+                total += score(views[:, v], *args)
+            scores = total / (views.shape[1] + 1)
+        if offset is not None:
+            scores = scale * scores + offset
+        return scores.astype(np.float32)
 
     def decision_function(self, X, *, views=None):
         """Class scores: the logits, shifted as the estimator's parameters say.

@@ -41,13 +41,16 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import log_softmax
+from scipy.special import log_softmax, logsumexp
+from scipy.stats import chi2, norm
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import Bunch
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = [
     "LABEL_SHIFT_METHODS",
+    "adapt",
     "bbse_prior",
     "em_prior",
     "estimate_test_prior",
@@ -142,12 +145,25 @@ def em_prior(proba, source_prior, *, pseudo_counts=0.0, max_iter=1000, tol=1e-6)
     # Start from the source prior: the fixed point "no shift" when the data say so.
     if not (isinstance(max_iter, Integral) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive int; got {max_iter!r}.")
+    # Rows rescaled to sum to one (a row's scale carries no information, and
+    # values near the float64 limit would overflow once re-weighted); rows
+    # with no probability anywhere are dropped.
+    peaks = proba.max(axis=1, keepdims=True)
+    informative = peaks[:, 0] > 0
+    if not informative.any() and not alpha.any():
+        raise ValueError(
+            "proba gives zero probability to every class in every row: there is nothing to "
+            "estimate the prior from."
+        )
+    proba = proba[informative] / peaks[informative]
+    proba /= proba.sum(axis=1, keepdims=True)
+    ratio_scale = 1.0 / source
     prior = source.copy()
     for _ in range(max_iter):
-        weighted = proba * (prior / source)
-        totals = weighted.sum(axis=1, keepdims=True)
-        # A row with zero probability for every class carries no information.
-        np.divide(weighted, totals, out=weighted, where=totals > 0)
+        ratio = prior * ratio_scale
+        weighted = proba * (ratio / ratio.max())
+        row_totals = weighted.sum(axis=1, keepdims=True)
+        np.divide(weighted, row_totals, out=weighted, where=row_totals > 0)
         counts = weighted.sum(axis=0) + alpha
         updated = counts / counts.sum()
         converged = np.max(np.abs(updated - prior)) < tol
@@ -188,7 +204,7 @@ def _check_indices(values, n_classes, name):
         )
 
 
-def _check_confusion(joint, classes):
+def _check_confusion(joint, classes, method):
     absent = np.flatnonzero(joint.sum(axis=0) == 0)
     never = np.flatnonzero(joint.sum(axis=1) == 0)
     problems = []
@@ -200,7 +216,8 @@ def _check_confusion(joint, classes):
     if problems or rank < len(joint):
         detail = "; ".join(problems) or f"its rank is {rank} < {len(joint)}"
         raise ValueError(
-            f"The validation confusion matrix is singular ({detail}), so BBSE cannot invert it. "
+            f"The validation confusion matrix is singular ({detail}), so {method} cannot "
+            "invert it. "
             "Use more validation rows with every class, or method='map', which needs none."
         )
 
@@ -253,7 +270,7 @@ def bbse_prior(y_val, pred_val, pred_target, n_classes):
     """
     joint = _confusion(y_val, pred_val, n_classes)
     mu = _predicted_frequencies(pred_target, n_classes)
-    _check_confusion(joint, np.arange(n_classes))
+    _check_confusion(joint, np.arange(n_classes), "BBSE")
     weights = np.clip(np.linalg.solve(joint, mu), 0.0, None)
     prior = weights * joint.sum(axis=0)
     if prior.sum() <= 0:
@@ -315,7 +332,7 @@ def rlls_prior(
         raise ValueError(f"delta must be a confidence level in (0, 1); got {delta!r}.")
     joint = _confusion(y_val, pred_val, n_classes)
     mu = _predicted_frequencies(pred_target, n_classes)
-    _check_confusion(joint, np.arange(n_classes))
+    _check_confusion(joint, np.arange(n_classes), "RLLS")
     n_val = len(np.asarray(y_val))
     log_term = math.log(2 * n_classes / delta)
     penalty = regularization * 3 * (2 * log_term / (3 * n_val) + math.sqrt(2 * log_term / n_val))
@@ -355,8 +372,9 @@ class _SourceLogits(ClassifierMixin, BaseEstimator):
 
     ``softmax(decision_function(X))`` is the posterior under ``source_prior``:
     the view that label-shift estimation and its calibration need. ltlearn
-    estimators supply it exactly (``_source_logits``); other classifiers give
-    ``log(predict_proba)``.
+    estimators supply it exactly (``_source_logits``), their balanced part
+    divided by the temperature cross-fitted in ``fit`` (``calibration_cv``);
+    other classifiers give ``log(predict_proba)``.
     """
 
     def __init__(self, estimator, source_prior=None):
@@ -399,13 +417,36 @@ class _SourceLogits(ClassifierMixin, BaseEstimator):
             "validation=(X_val, y_val) drawn from the training distribution."
         )
 
+    def balanced_and_current(self, X):
+        """Balanced logits ``f`` and current log-probabilities of ``X``.
+
+        ``f`` is the source logits minus the log source prior.
+
+        ``f`` is what calibration and label-shift estimation work on; the
+        current log-probabilities are what the classifier predicts today,
+        from which the prior it predicts for is read.
+        """
+        final = self._final
+        Z = self._features(X)
+        if hasattr(final, "_source_logits"):
+            check_is_fitted(final)
+            Z = validate_data(final, Z, reset=False, dtype=[np.float32, np.float64])
+            source = final._source_logits(Z).astype(np.float64)
+            current = final.predict_log_proba(Z)
+        else:
+            proba = np.asarray(final.predict_proba(Z), dtype=np.float64)
+            current = source = np.log(np.maximum(proba, np.finfo(np.float64).tiny))
+        return source - np.log(self.prior()), current
+
     def decision_function(self, X):
         final = self._final
         Z = self._features(X)
         if hasattr(final, "_source_logits"):
             check_is_fitted(final)
             Z = validate_data(final, Z, reset=False, dtype=[np.float32, np.float64])
-            return final._source_logits(Z).astype(np.float64)
+            log_prior = np.log(np.asarray(final.class_prior_, dtype=np.float64))
+            balanced = final._source_logits(Z).astype(np.float64) - log_prior
+            return balanced / getattr(final, "calibration_temperature_", 1.0) + log_prior
         proba = np.asarray(final.predict_proba(Z), dtype=np.float64)
         return np.log(np.maximum(proba, np.finfo(np.float64).tiny))
 
@@ -413,7 +454,7 @@ class _SourceLogits(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
-def _check_validation(validation, classes):
+def _check_validation(validation, classes, n_features):
     try:
         X_val, y_val = validation
     except (TypeError, ValueError) as exc:
@@ -428,6 +469,15 @@ def _check_validation(validation, classes):
         raise ValueError(
             f"validation has {len(X_val)} feature rows but {len(y_val)} labels; they must match."
         )
+    width = np.shape(X_val)[1] if np.ndim(X_val) == 2 else None
+    if n_features is not None and width is not None and width != n_features:
+        raise ValueError(
+            f"validation's X_val has {width} features per row, but the estimator takes "
+            f"{n_features} (as X does)."
+        )
+    if np.ndim(X_val) == 2 and np.issubdtype(np.asarray(X_val).dtype, np.number):
+        if not np.all(np.isfinite(X_val)):
+            raise ValueError("validation's X_val contains NaN or infinite values.")
     unknown = np.setdiff1d(np.unique(y_val), classes)
     if unknown.size:
         raise ValueError(
@@ -435,6 +485,29 @@ def _check_validation(validation, classes):
             f"({classes.tolist()})."
         )
     return X_val, y_val
+
+
+def _mixture_loglik(ratios, prior):
+    """Log-likelihood, up to a constant, of rows under ``sum_c prior_c p(x | c)``."""
+    with np.errstate(divide="ignore"):
+        return float(np.sum(np.log(ratios @ prior)))
+
+
+def _prior_covariance(ratios, prior, alpha):
+    """Asymptotic covariance of the (MAP) prior estimate, from the observed information.
+
+    ``ratios[i, c]`` is proportional to ``p(x_i | c)``; the log-likelihood
+    ``sum_i log(ratios_i . q) + sum_c alpha_c log q_c`` is maximised on the
+    simplex, so the covariance is the inverse information projected onto
+    ``sum_c q_c = 1`` (the bordered-Hessian form).
+    """
+    mix = ratios @ prior
+    scaled = ratios / mix[:, None]
+    information = scaled.T @ scaled + np.diag(alpha / np.maximum(prior, 1e-300) ** 2)
+    inverse = np.linalg.pinv(information)
+    ones = inverse.sum(axis=1)
+    total = ones.sum()
+    return inverse - np.outer(ones, ones) / total if total > 0 else inverse
 
 
 def estimate_test_prior(
@@ -447,6 +520,9 @@ def estimate_test_prior(
     pseudo_counts=DEFAULT_PSEUDO_COUNTS,
     regularization=DEFAULT_RLLS_REGULARIZATION,
     calibrate=True,
+    significance=None,
+    confidence=0.9,
+    return_details=False,
     max_iter=1000,
     tol=1e-6,
 ):
@@ -454,6 +530,15 @@ def estimate_test_prior(
 
     Transductive: the estimate describes the rows given, so pass the unlabeled
     test set (or a sample of it), not the training data.
+
+    The posteriors that EM reads are calibrated first: an ltlearn estimator
+    divides its balanced logits by the temperature cross-fitted during
+    ``fit`` (``calibration_temperature_``; see ``calibration_cv``), and with
+    ``validation`` they are recalibrated by a temperature and class-wise
+    biases (BCTS). The prior the classifier predicts for today (uniform for
+    an unadapted Balanced Softmax model, the training prior for a plain
+    scikit-learn classifier) is the null hypothesis "no shift": a likelihood
+    ratio test against it gives a p-value, and ``"map"`` shrinks toward it.
 
     Parameters
     ----------
@@ -476,13 +561,24 @@ def estimate_test_prior(
         ltlearn estimators (``class_prior_``); for other classifiers, the
         label frequencies of ``validation``, or this argument.
     pseudo_counts : float, default=5.0
-        Dirichlet pseudo-counts per class of ``"map"`` (toward the uniform
-        prior); ignored by the other methods.
+        Dirichlet pseudo-counts per class of ``"map"``, centred on the prior
+        the classifier predicts for today (uniform for balanced models);
+        ignored by the other methods.
     regularization : float, default=0.01
         Multiplier of RLLS's penalty; see :func:`rlls_prior`.
     calibrate : bool, default=True
         With ``validation``, recalibrate the posteriors of ``"em"`` and
         ``"map"`` with a temperature and class-wise biases first.
+    significance : float in (0, 1) or None, default=None
+        Level of the likelihood-ratio test of "no shift". When the test does
+        not reject, the returned prior is the one the classifier predicts for
+        today (no adaptation). None returns the estimate whatever the test
+        says (the p-value is still in the details).
+    confidence : float in (0, 1), default=0.9
+        Coverage of the interval in the details.
+    return_details : bool, default=False
+        Return a :class:`~sklearn.utils.Bunch` describing the estimate
+        instead of the prior alone.
     max_iter, tol
         Of the EM iterations; see :func:`em_prior`.
 
@@ -490,6 +586,19 @@ def estimate_test_prior(
     -------
     prior : ndarray of shape (n_classes,)
         Estimated class frequencies of ``X``, in ``estimator.classes_`` order.
+    details : :class:`~sklearn.utils.Bunch`, if ``return_details``
+        ``prior`` (as above), ``estimate`` (the method's estimate, before the
+        test), ``null_prior`` (what the classifier predicts for today),
+        ``pvalue`` and ``shift_detected`` (the likelihood-ratio test; the
+        statistic is asymptotically chi-squared with ``n_classes - 1``
+        degrees of freedom when the posteriors are calibrated), ``interval``
+        (shape (2, n_classes): lower and upper bounds per class at
+        ``confidence``, from the observed Fisher information on the log
+        scale; NaN for ``"bbse"`` and ``"rlls"``), ``effective_rows`` (how
+        many labeled rows would estimate the prior as precisely), ``scale``
+        and ``offset`` (the calibration: the posteriors under the source
+        prior are ``softmax(scale * f + offset + log(source_prior))`` with
+        ``f`` the balanced logits) and ``n_rows``.
 
     Examples
     --------
@@ -502,9 +611,16 @@ def estimate_test_prior(
     >>> prior = estimate_test_prior(clf, data.X_test[rows])
     >>> bool(prior[0] > 2 * prior[9])
     True
+    >>> details = estimate_test_prior(clf, data.X_test, return_details=True)  # balanced
+    >>> bool(details.pvalue > 0.05)  # no evidence of a shift
+    True
     """
     if method not in LABEL_SHIFT_METHODS:
         raise ValueError(f"method must be one of {list(LABEL_SHIFT_METHODS)}; got {method!r}.")
+    if significance is not None and not (isinstance(significance, Real) and 0 < significance < 1):
+        raise ValueError(f"significance must be a level in (0, 1) or None; got {significance!r}.")
+    if not (isinstance(confidence, Real) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}.")
     view = _SourceLogits(estimator, source_prior)
     final = view._final
     check_is_fitted(final)
@@ -520,26 +636,33 @@ def estimate_test_prior(
             "X holds no rows: label-shift estimation needs the unlabeled test features."
         )
     if validation is not None:
-        X_val, y_val = _check_validation(validation, classes)
+        n_features = getattr(estimator, "n_features_in_", None)
+        X_val, y_val = _check_validation(validation, classes, n_features)
     elif method in ("bbse", "rlls"):
         raise ValueError(
             f"method={method!r} needs validation=(X_val, y_val): held-out labeled rows from the "
             "training distribution, to estimate the confusion matrix. method='map' needs none."
         )
-    source = view.prior(None if validation is None else y_val)
+    if source_prior is None and not hasattr(final, "_source_logits") and validation is not None:
+        view.source_prior = _label_frequencies(y_val, classes)
+    source = view.prior()
+    balanced, current = view.balanced_and_current(X)
+    # What the classifier predicts for today: its log-probabilities minus those of
+    # the balanced logits are a class offset plus a row constant.
+    null_log = np.mean(current - log_softmax(balanced, axis=1), axis=0)
+    null_prior = np.exp(null_log - logsumexp(null_log))
+    if len(X) < 10 * n_classes and method != "map":
+        warnings.warn(
+            f"{len(X)} unlabeled rows for {n_classes} classes: method={method!r} has no "
+            "shrinkage and can rule classes out on so few rows. Use more rows, or "
+            "method='map'.",
+            UserWarning,
+            stacklevel=2,
+        )
 
-    if method in ("bbse", "rlls"):
-        # Any fixed decision rule can be the black box; the class-balanced one
-        # predicts tail classes too, which keeps the confusion matrix invertible.
-        y_index = np.searchsorted(classes, y_val)
-        balance = np.log(source)
-        pred_val = np.argmax(view.decision_function(X_val) - balance, axis=1)
-        pred_target = np.argmax(view.decision_function(X) - balance, axis=1)
-        if method == "bbse":
-            return bbse_prior(y_index, pred_val, pred_target, n_classes)
-        return rlls_prior(y_index, pred_val, pred_target, n_classes, regularization=regularization)
-
-    if validation is not None and calibrate:
+    scale = 1.0 / getattr(final, "calibration_temperature_", 1.0)
+    offset = np.zeros(n_classes)
+    if validation is not None and calibrate and method in ("map", "em"):
         from ltlearn.calibration import LongTailTemperatureScaler
 
         absent = np.setdiff1d(classes, np.unique(y_val))
@@ -552,12 +675,142 @@ def estimate_test_prior(
         # BCTS, unweighted: the biases absorb the validation rows' class
         # frequencies, which become the prior the calibrated posteriors assume.
         scaler = LongTailTemperatureScaler(view, weighting="none", bias=True).fit(X_val, y_val)
-        logits = scaler.decision_function(X)
-        source = _label_frequencies(y_val, classes)
-    else:
-        logits = view.decision_function(X)
+        calibrated_source = _label_frequencies(y_val, classes)
+        # softmax((scale f + log p) / T + b) = softmax(scale' f + offset + log p').
+        scale = scale / scaler.temperature_
+        offset = np.log(source) / scaler.temperature_ + scaler.bias_ - np.log(calibrated_source)
+        source = calibrated_source
+    logits = scale * balanced + offset + np.log(source)
     proba = np.exp(log_softmax(logits, axis=1))
-    alpha = pseudo_counts if method == "map" else 0.0
-    if method == "map" and not (isinstance(alpha, Real) and alpha >= 0):
-        raise ValueError(f"pseudo_counts must be a number >= 0; got {pseudo_counts!r}.")
-    return em_prior(proba, source, pseudo_counts=alpha, max_iter=max_iter, tol=tol)
+    # ratios[i, c] ∝ p(x_i | c): the posteriors divided by the prior they assume.
+    ratios = proba / source
+    ratios /= ratios.max(axis=1, keepdims=True)
+
+    if method in ("bbse", "rlls"):
+        # Any fixed decision rule can be the black box; the class-balanced one
+        # predicts tail classes too, which keeps the confusion matrix invertible.
+        y_index = np.searchsorted(classes, y_val)
+        val_balanced, _ = view.balanced_and_current(X_val)
+        pred_val = np.argmax(val_balanced, axis=1)
+        pred_target = np.argmax(balanced, axis=1)
+        if method == "bbse":
+            estimate = bbse_prior(y_index, pred_val, pred_target, n_classes)
+        else:
+            estimate = rlls_prior(
+                y_index, pred_val, pred_target, n_classes, regularization=regularization
+            )
+        alpha = np.zeros(n_classes)
+    else:
+        if method == "map" and not (isinstance(pseudo_counts, Real) and pseudo_counts >= 0):
+            raise ValueError(f"pseudo_counts must be a number >= 0; got {pseudo_counts!r}.")
+        alpha = pseudo_counts * n_classes * null_prior if method == "map" else np.zeros(n_classes)
+        estimate = em_prior(proba, source, pseudo_counts=alpha, max_iter=max_iter, tol=tol)
+
+    # The likelihood-ratio test of "no shift" always compares the maximum-likelihood fit.
+    mle = estimate if method == "em" else em_prior(proba, source, max_iter=max_iter, tol=tol)
+    statistic = max(2.0 * (_mixture_loglik(ratios, mle) - _mixture_loglik(ratios, null_prior)), 0)
+    pvalue = float(chi2.sf(statistic, n_classes - 1))
+    shift_detected = significance is None or pvalue < significance
+    prior = estimate if shift_detected else null_prior
+
+    if method in ("map", "em"):
+        covariance = _prior_covariance(ratios, estimate, alpha)
+        variance = np.clip(np.diag(covariance), 0.0, None)
+        z = float(norm.ppf(0.5 + confidence / 2))
+        # On the log scale (delta method), so that a band stays inside (0, 1].
+        spread = z * np.sqrt(variance) / np.maximum(estimate, 1e-300)
+        with np.errstate(over="ignore"):
+            interval = np.stack(
+                [estimate * np.exp(-spread), np.minimum(estimate * np.exp(spread), 1.0)]
+            )
+        total_variance = variance.sum()
+        effective_rows = (
+            float(np.sum(estimate * (1 - estimate)) / total_variance)
+            if total_variance > 0
+            else float("inf")
+        )
+    else:
+        interval = np.full((2, n_classes), np.nan)
+        effective_rows = float("nan")
+    if not return_details:
+        return prior
+    return Bunch(
+        prior=prior,
+        estimate=estimate,
+        null_prior=null_prior,
+        pvalue=pvalue,
+        shift_detected=bool(shift_detected),
+        interval=interval,
+        effective_rows=effective_rows,
+        scale=scale,
+        offset=offset,
+        n_rows=len(X),
+    )
+
+
+def adapt(estimator, X, **options):
+    """Adapt a fitted ltlearn estimator, or a ``Pipeline`` ending in one, to unlabeled rows.
+
+    ``Pipeline`` has no ``adapt``: this transforms ``X`` (and
+    ``validation``'s rows and any ``views``) through the pipeline's
+    transformers and adapts its final step, which the pipeline then uses
+    for every prediction.
+
+    Parameters
+    ----------
+    estimator : fitted ltlearn estimator or Pipeline
+    X : array-like of shape (n_samples, n_features)
+        Unlabeled rows of the test distribution, before the pipeline's
+        transformers.
+    **options
+        Arguments of the final step's ``adapt`` (``method``, ``validation``,
+        ``views``, ``significance``, ...).
+
+    Returns
+    -------
+    estimator : object
+        ``estimator``, adapted.
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from ltlearn import BalancedSoftmaxClassifier
+    >>> from ltlearn.adaptation import adapt
+    >>> from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+    >>> data = load_long_tailed_digits(random_state=0)
+    >>> pipe = make_pipeline(StandardScaler(), BalancedSoftmaxClassifier(random_state=0))
+    >>> pipe = pipe.fit(data.X_train, data.y_train)
+    >>> rows = long_tailed_subset(data.y_test, 10, random_state=0)
+    >>> bool(adapt(pipe, data.X_test[rows])[-1].shift_detected_)
+    True
+    """
+    if not hasattr(estimator, "steps"):
+        if not hasattr(estimator, "adapt"):
+            raise TypeError(
+                f"{type(estimator).__name__} has no adapt(); use estimate_test_prior for "
+                "other classifiers."
+            )
+        return estimator.adapt(X, **options)
+    final = estimator[-1]
+    if not hasattr(final, "adapt"):
+        raise TypeError(
+            f"The pipeline's final step, {type(final).__name__}, has no adapt(); use "
+            "estimate_test_prior(pipeline, X) for other classifiers."
+        )
+    transform = estimator[:-1].transform
+    validation = options.get("validation")
+    if validation is not None:
+        X_val, y_val = _check_validation(validation, np.asarray(final.classes_), None)
+        options["validation"] = (transform(X_val), y_val)
+    views = options.get("views")
+    if views is not None:
+        views = np.asarray(views)
+        if views.ndim != 3:
+            raise ValueError(
+                f"views must have shape (n_samples, n_views, n_features); got {views.shape}."
+            )
+        n, k, _ = views.shape
+        options["views"] = transform(views.reshape(n * k, -1)).reshape(n, k, -1)
+    final.adapt(transform(X), **options)
+    return estimator

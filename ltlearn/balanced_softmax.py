@@ -95,6 +95,15 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         Torch device to train on: ``"auto"`` (a CUDA GPU when there is one),
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Prediction runs on the CPU,
         where the fitted module is kept.
+    calibration_cv : int or None, default=3
+        Folds of the cross-fitting that calibrates the posteriors which
+        :meth:`adapt` reads: ``fit`` also fits this many copies, each on all
+        folds but one, and sets ``calibration_temperature_`` from their
+        out-of-fold logits, so that label-shift estimation sees calibrated
+        probabilities without a validation set (a fit costs about three times
+        as long). None skips it (temperature 1). Not done when ``X`` is
+        streamed from a feature file. Predictions before ``adapt`` do not
+        depend on it.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and batch order; an int gives identical models on
         repeated CPU fits.
@@ -103,6 +112,9 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
 
     Attributes
     ----------
+    calibration_temperature_ : float
+        Temperature of the balanced logits from the cross-fitting
+        (``calibration_cv``); 1 without it.
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)
@@ -173,6 +185,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         balanced_sampling=False,
         tail_synthesis=0.0,
         device="auto",
+        calibration_cv=3,
         random_state=None,
         verbose=False,
     ):
@@ -191,6 +204,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.balanced_sampling = balanced_sampling
         self.tail_synthesis = tail_synthesis
         self.device = device
+        self.calibration_cv = calibration_cv
         self.random_state = random_state
         self.verbose = verbose
 
@@ -208,9 +222,6 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     def _logit_shift(self):
         # The adjustment the model was trained with, whatever tau is set to now.
         trained = self.criterion_.adjustment.numpy().astype(np.float64)
-        adapted = self._adapted_prior_shift()
-        if adapted is not None:
-            return trained + adapted
         if self.test_prior is None:
             return None
         log_train = np.log(self.class_prior_)

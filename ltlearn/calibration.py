@@ -106,8 +106,12 @@ def wasserstein_importance_weights(
     return weights
 
 
-def _fit_temperature(logits, y_index, weights, bounds, fit_bias):
-    """Minimise the weighted NLL of ``softmax(logits / T + b)``; returns (T, b)."""
+def _fit_temperature(logits, y_index, weights, bounds, fit_bias, offset=0.0):
+    """Minimise the weighted NLL of ``softmax(logits / T + b + offset)``; returns (T, b).
+
+    ``offset`` (e.g. a log prior that the temperature must not scale) may hold
+    ``-inf`` for classes a row cannot have.
+    """
     n_classes = logits.shape[1]
     onehot = np.eye(n_classes)[y_index]
     weights = weights / weights.sum()
@@ -116,7 +120,7 @@ def _fit_temperature(logits, y_index, weights, bounds, fit_bias):
         log_t = theta[0]
         bias = np.concatenate([[0.0], theta[1:]]) if fit_bias else 0.0
         scaled = logits * np.exp(-log_t)
-        log_p = log_softmax(scaled + bias, axis=1)
+        log_p = log_softmax(scaled + bias + offset, axis=1)
         loss = -np.sum(weights * log_p[np.arange(len(y_index)), y_index])
         residual = weights[:, None] * (np.exp(log_p) - onehot)
         grad = [-np.sum(residual * scaled)]

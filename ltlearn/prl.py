@@ -234,6 +234,15 @@ class PRLClassifier(TorchHeadClassifier):
     device : str, default="auto"
         Torch device to train on (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         Prediction runs on the CPU.
+    calibration_cv : int or None, default=3
+        Folds of the cross-fitting that calibrates the posteriors which
+        :meth:`adapt` reads: ``fit`` also fits this many copies, each on all
+        folds but one, and sets ``calibration_temperature_`` from their
+        out-of-fold logits, so that label-shift estimation sees calibrated
+        probabilities without a validation set (a fit costs about three times
+        as long). None skips it (temperature 1). Not done when ``X`` is
+        streamed from a feature file. Predictions before ``adapt`` do not
+        depend on it.
     random_state : int, RandomState instance or None, default=None
         Decides initial weights, batch order and the Dirichlet draws.
     verbose : bool, default=False
@@ -241,6 +250,9 @@ class PRLClassifier(TorchHeadClassifier):
 
     Attributes
     ----------
+    calibration_temperature_ : float
+        Temperature of the balanced logits from the cross-fitting
+        (``calibration_cv``); 1 without it.
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
     feature_names_in_ : ndarray of shape ``(n_features_in_,)``
@@ -311,6 +323,7 @@ class PRLClassifier(TorchHeadClassifier):
         batch_size="auto",
         lr_schedule="onecycle",
         device="auto",
+        calibration_cv=3,
         random_state=None,
         verbose=False,
     ):
@@ -330,6 +343,7 @@ class PRLClassifier(TorchHeadClassifier):
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
         self.device = device
+        self.calibration_cv = calibration_cv
         self.random_state = random_state
         self.verbose = verbose
 
@@ -576,16 +590,31 @@ class PRLClassifier(TorchHeadClassifier):
         alpha = r_hat / self.r_
         return alpha / alpha.sum()
 
-    _adapted_attributes = ("test_prior_", "preference_")
+    _adapted_attributes = (*TorchHeadClassifier._adapted_attributes, "preference_")
 
-    def adapt(self, X, *, method="map", validation=None, views=None, **options):
-        """Infer the class prior of unlabeled rows and steer predictions to it.
+    def _balanced_logits(self, X):
+        # The head generated for the adapted preference, less the class offsets that
+        # preference stands for (see preference_for_prior): what remains of the
+        # prior difference is corrected in the logits.
+        preference = getattr(self, "preference_", None)
+        if preference is None:
+            return super()._balanced_logits(X)
+        r_hat = self._r_hats([preference])
+        offsets = (r_hat @ self.module_.head.shift_basis).numpy()[0]
+        return self._logits(X, r_hat)[0].astype(np.float64) - offsets
 
-        Estimates ``test_prior_`` as :meth:`BalancedSoftmaxClassifier.adapt
+    def adapt(self, X, *, method="map", validation=None, views=None, significance=0.05, **options):
+        """Infer the class prior of unlabeled rows and steer predictions to it, if it shifted.
+
+        Estimates ``test_prior_`` and tests "no shift" as
+        :meth:`BalancedSoftmaxClassifier.adapt
         <ltlearn.BalancedSoftmaxClassifier.adapt>` does (from the uniform
-        corner's logits), maps it to ``preference_`` with
-        :meth:`preference_for_prior`, and predicts with that preference from
-        now on, in place of the ``preference`` parameter, until the next
+        corner's logits). When a shift is detected, maps the estimate to
+        ``preference_`` with :meth:`preference_for_prior` and predicts with
+        the head generated for that preference, its logits corrected by what
+        remains between the estimated prior and the prior the preference
+        stands for (PRL's preferences span a two-parameter family of priors;
+        a test prior of any other shape is still reached), until the next
         ``adapt``, :meth:`reset_adaptation` or ``fit``. A ``preference=``
         argument to a prediction method still wins for that call.
 
@@ -599,6 +628,8 @@ class PRLClassifier(TorchHeadClassifier):
             Held-out labeled rows from the training distribution.
         views : None
             Not used: the prior is estimated from ``X``.
+        significance : float in (0, 1) or None, default=0.05
+            Level of the test of "no shift"; None adapts whatever it says.
         **options
             Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`.
 
@@ -606,8 +637,16 @@ class PRLClassifier(TorchHeadClassifier):
         -------
         self : object
         """
-        super().adapt(X, method=method, validation=validation, views=views, **options)
-        self.preference_ = self.preference_for_prior(self.test_prior_)
+        super().adapt(
+            X,
+            method=method,
+            validation=validation,
+            views=views,
+            significance=significance,
+            **options,
+        )
+        if self.shift_detected_:
+            self.preference_ = self.preference_for_prior(self.test_prior_)
         return self
 
     # -- prediction -------------------------------------------------------------

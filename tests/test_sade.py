@@ -78,9 +78,10 @@ def test_unadapted_predictions_average_the_experts(sade, draw):
 
 def test_aggregation_moves_weight_toward_the_matching_expert(sade, draw):
     X, _ = draw(FORWARD)
-    forward = copy.copy(sade).adapt(X, views=views_of(X)).aggregation_weights_
+    aggregate = dict(method="aggregation")
+    forward = copy.copy(sade).adapt(X, views=views_of(X), **aggregate).aggregation_weights_
     X, _ = draw(BACKWARD)
-    backward = copy.copy(sade).adapt(X, views=views_of(X)).aggregation_weights_
+    backward = copy.copy(sade).adapt(X, views=views_of(X), **aggregate).aggregation_weights_
     assert forward.sum() == pytest.approx(1.0)
     assert forward[0] > 1 / 3 > forward[2]
     assert backward[2] > 1 / 3 > backward[0]
@@ -88,21 +89,23 @@ def test_aggregation_moves_weight_toward_the_matching_expert(sade, draw):
 
 def test_aggregated_predictions_use_the_learnt_weights(sade, draw):
     X, _ = draw(FORWARD)
-    model = copy.copy(sade).adapt(X, views=views_of(X, n_views=1))  # one view: paired with X
+    # One view: paired with X.
+    model = copy.copy(sade).adapt(X, views=views_of(X, n_views=1), method="aggregation")
     experts = sade.expert_decision_function(X)
     expected = np.einsum("e,enc->nc", model.aggregation_weights_, experts)
     np.testing.assert_allclose(model.decision_function(X), expected, rtol=1e-5, atol=1e-5)
     assert len(model.aggregation_history_) <= sade.aggregation_epochs
 
 
-def test_without_views_adapt_falls_back_on_map(sade, draw):
+def test_auto_adapt_is_map_on_the_uniform_expert(sade, draw):
     X, _ = draw(FORWARD)
     model = copy.copy(sade).adapt(X)
     assert not hasattr(model, "aggregation_weights_")
+    assert model.shift_detected_
     uniform_expert = sade.expert_decision_function(X)[1]
     np.testing.assert_allclose(
         model.decision_function(X),
-        uniform_expert + np.log(model.test_prior_),
+        uniform_expert / sade.calibration_temperature_ + np.log(model.test_prior_),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -113,20 +116,22 @@ def test_without_views_adapt_falls_back_on_map(sade, draw):
 def test_adapt_rejects_inconsistent_arguments(sade, draw):
     X, _ = draw([20] * N_CLASSES)
     with pytest.raises(ValueError, match=r"views must have shape \(80, n_views, 16\)"):
-        copy.copy(sade).adapt(X, views=np.ones((len(X), 2, 3)))
+        copy.copy(sade).adapt(X, views=np.ones((len(X), 2, 3)), method="aggregation")
+    with pytest.raises(ValueError, match="'auto' is 'map'"):
+        copy.copy(sade).adapt(X, views=views_of(X))
     with pytest.raises(ValueError, match="used by method='aggregation' only"):
         copy.copy(sade).adapt(X, views=views_of(X), method="em")
     with pytest.raises(ValueError, match="takes only X and views"):
         copy.copy(sade).adapt(X, method="aggregation", pseudo_counts=2.0)
     with pytest.raises(ValueError, match=r"views must have shape"):
-        copy.copy(sade).adapt(X, views=np.ones((len(X), 0, 16)))
+        copy.copy(sade).adapt(X, views=np.ones((len(X), 0, 16)), method="aggregation")
     with pytest.raises(ValueError, match="'auto', 'aggregation', 'map'"):
         copy.copy(sade).adapt(X, method="aggregate")
 
 
 def test_aggregation_state_survives_pickle_and_not_clone(sade, draw):
     X, _ = draw(FORWARD)
-    model = copy.copy(sade).adapt(X, views=views_of(X))
+    model = copy.copy(sade).adapt(X, views=views_of(X), method="aggregation")
     loaded = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(loaded.aggregation_weights_, model.aggregation_weights_)
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))

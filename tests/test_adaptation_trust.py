@@ -1,0 +1,264 @@
+"""Adaptation that cannot hurt: calibration, the test of "no shift", intervals, pipelines."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.special import log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler, PRLClassifier
+from ltlearn.adaptation import _SourceLogits, adapt, em_prior, estimate_test_prior
+from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+
+
+def tv(p, q):
+    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum()
+
+
+class ExactPosterior(ClassifierMixin, BaseEstimator):
+    """Gaussian classes with known means: ``predict_proba`` is the exact posterior."""
+
+    def __init__(self, means=None, noise=1.0, prior=None):
+        self.means = means
+        self.noise = noise
+        self.prior = prior
+
+    def fit(self, X=None, y=None):
+        self.classes_ = np.arange(len(self.means))
+        return self
+
+    def predict_proba(self, X):
+        d2 = ((X[:, None, :] - self.means[None]) ** 2).sum(-1)
+        return softmax(-d2 / (2 * self.noise**2) + np.log(self.prior), axis=1)
+
+
+def draw(means, counts, rng, noise=1.0):
+    y = np.repeat(np.arange(len(counts)), counts)
+    return means[y] + noise * rng.normal(size=(len(y), means.shape[1])), y
+
+
+@pytest.fixture(scope="module")
+def digits_models():
+    """The README's quick start, seeds 0-3: long-tailed digits at IR 10."""
+    out = []
+    for seed in range(4):
+        data = load_long_tailed_digits(imbalance_ratio=10, random_state=seed)
+        clf = BalancedSoftmaxClassifier(device="cpu", random_state=0)
+        out.append((data, clf.fit(data.X_train, data.y_train)))
+    return out
+
+
+def test_quick_start_adapt_does_not_hurt_on_its_balanced_test_set(digits_models):
+    """The issue's case: MAP on raw posteriors lost 1.8 to 9.9 points here."""
+    losses, detected = [], []
+    for data, clf in digits_models:
+        # A regularised head on 350 rows is under-confident: the temperature sharpens it.
+        assert clf.calibration_temperature_ < 0.8
+        before = clf.score(data.X_test, data.y_test)
+        model = copy.copy(clf).adapt(data.X_test)
+        losses.append(before - model.score(data.X_test, data.y_test))
+        detected.append(model.shift_detected_)
+        if not model.shift_detected_:
+            np.testing.assert_array_equal(model.predict(data.X_test), clf.predict(data.X_test))
+    # Seed 0 still loses a point: its rarest class (8 training rows) is miscalibrated
+    # beyond what one temperature corrects, and the test rejects "no shift".
+    assert max(losses) <= 0.012 and np.mean(losses) <= 0.005
+    assert sum(detected) <= 1
+
+
+def test_quick_start_adapt_helps_on_a_shifted_test_set(digits_models):
+    gains = []
+    for data, clf in digits_models:
+        rows = long_tailed_subset(data.y_test, 10, random_state=0)
+        X, y = data.X_test[rows], data.y_test[rows]
+        model = copy.copy(clf).adapt(X)
+        assert model.shift_detected_
+        gains.append(model.score(X, y) - clf.score(X, y))
+    assert np.mean(gains) > 0.01 and min(gains) > -0.005
+
+
+def test_adapting_to_a_training_like_set_moves_toward_the_training_prior():
+    rng = np.random.default_rng(0)
+    means = 2.5 * rng.normal(size=(4, 8)) / np.sqrt(8)
+    counts = [800, 300, 100, 40]
+    X, y = draw(means, counts, rng)
+    clf = BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(X, y)
+    X_test, y_test = draw(means, counts, rng)
+    model = copy.copy(clf).adapt(X_test)
+    assert model.shift_detected_
+    assert tv(model.test_prior_, clf.class_prior_) < 0.05
+    assert model.score(X_test, y_test) > clf.score(X_test, y_test)
+    # Drawn like a balanced set instead: no shift from what the model predicts for.
+    X_bal, _ = draw(means, [300] * 4, rng)
+    assert not copy.copy(clf).adapt(X_bal).shift_detected_
+
+
+def test_intervals_cover_a_known_prior_at_their_nominal_rate():
+    """Exact posteriors, 60 test sets of 1,000 rows: 90 % bands cover 85-95 % of classes."""
+    rng = np.random.default_rng(1)
+    means = 2.0 * rng.normal(size=(5, 6)) / np.sqrt(6)
+    source = np.full(5, 0.2)
+    clf = ExactPosterior(means, prior=source).fit()
+    covered = []
+    for _ in range(60):
+        truth = rng.dirichlet(np.full(5, 2.0))
+        X, _ = draw(means, rng.multinomial(1000, truth), rng)
+        details = estimate_test_prior(
+            clf, X, method="em", source_prior=source, return_details=True
+        )
+        low, high = details.interval
+        covered.extend((low <= truth) & (truth <= high))
+        assert 0 < details.effective_rows < 1000
+    assert 0.85 <= np.mean(covered) <= 0.95
+
+
+def test_prl_adapted_matches_balanced_softmax_adapted_on_any_shift():
+    """A prior outside PRL's preference family (one class absent) is still reached."""
+    rng = np.random.default_rng(2)
+    means = 2.0 * rng.normal(size=(5, 12)) / np.sqrt(12)
+    X, y = draw(means, [1000, 400, 150, 60, 25], rng)
+    bs = BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(X, y)
+    prl = PRLClassifier(device="cpu", random_state=0).fit(X, y)
+    X_test, y_test = draw(means, [300, 0, 300, 20, 300], rng)
+    a = copy.copy(bs).adapt(X_test)
+    b = copy.copy(prl).adapt(X_test)
+    assert a.shift_detected_ and b.shift_detected_
+    gain_bs = a.score(X_test, y_test) - bs.score(X_test, y_test)
+    gain_prl = b.score(X_test, y_test) - prl.score(X_test, y_test)
+    assert gain_bs > 0.02
+    assert gain_prl > gain_bs - 0.01
+    assert abs(a.score(X_test, y_test) - b.score(X_test, y_test)) < 0.01
+
+
+def test_bcts_predictions_are_the_calibrated_posteriors_shifted():
+    rng = np.random.default_rng(3)
+    means = 2.0 * rng.normal(size=(3, 6)) / np.sqrt(6)
+    X, y = draw(means, [600, 200, 60], rng)
+    X_val, y_val = draw(means, [150, 50, 15], rng)
+    clf = BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(X, y)
+    X_test, _ = draw(means, [50, 100, 300], rng)
+    model = copy.copy(clf).adapt(X_test, method="em", validation=(X_val, y_val))
+    assert model.shift_detected_
+    # By hand: BCTS on the (cross-fitted) source logits, under the validation prior.
+    scaler = LongTailTemperatureScaler(_SourceLogits(clf), weighting="none", bias=True)
+    scaler.fit(X_val, y_val)
+    val_prior = np.bincount(y_val) / len(y_val)
+    expected = log_softmax(
+        scaler.decision_function(X_test) - np.log(val_prior) + np.log(model.test_prior_), axis=1
+    )
+    np.testing.assert_allclose(model.predict_log_proba(X_test), expected, atol=1e-4)
+
+
+def test_adapt_reaches_a_pipeline_s_final_step():
+    data = load_long_tailed_digits(random_state=0)
+    pipe = make_pipeline(StandardScaler(), BalancedSoftmaxClassifier(random_state=0))
+    pipe.fit(data.X_train, data.y_train)
+    rows = long_tailed_subset(data.y_test, 10, random_state=0)
+    before = pipe.score(data.X_test[rows], data.y_test[rows])
+    assert adapt(pipe, data.X_test[rows]) is pipe
+    assert pipe[-1].shift_detected_
+    assert pipe.score(data.X_test[rows], data.y_test[rows]) > before
+    with pytest.raises(TypeError, match="has no adapt"):
+        adapt(make_pipeline(StandardScaler(), ExactPosterior()), data.X_test)
+
+
+def test_clear_errors_and_warnings():
+    rng = np.random.default_rng(4)
+    means = 2.0 * rng.normal(size=(3, 6)) / np.sqrt(6)
+    X, y = draw(means, [300, 100, 30], rng)
+    clf = BalancedSoftmaxClassifier(device="cpu", random_state=0, calibration_cv=None).fit(X, y)
+    assert clf.calibration_temperature_ == 1.0
+    X_val, y_val = draw(means, [30, 30, 30], rng)
+    with pytest.raises(ValueError, match="validation's X_val has 4 features"):
+        copy.copy(clf).adapt(X, method="em", validation=(X_val[:, :4], y_val))
+    bad = X_val.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="validation's X_val contains NaN"):
+        copy.copy(clf).adapt(X, method="em", validation=(bad, y_val))
+    with pytest.raises(ValueError, match="so RLLS cannot invert"):
+        copy.copy(clf).adapt(X, method="rlls", validation=(X_val[:2], y_val[:2]))
+    with pytest.warns(UserWarning, match="12 unlabeled rows for 3 classes"):
+        copy.copy(clf).adapt(X[:12], method="bbse", validation=(X_val, y_val))
+    with pytest.raises(ValueError, match="significance"):
+        copy.copy(clf).adapt(X, significance=1.5)
+    with pytest.raises(ValueError, match="n_views >= 1"):
+        BalancedSoftmaxClassifier(device="cpu").fit(X, y, views=np.empty((len(X), 0, 6)))
+
+
+def test_em_prior_returns_a_valid_prior_or_raises():
+    with pytest.raises(ValueError, match="zero probability to every class"):
+        em_prior(np.zeros((5, 3)), [1 / 3] * 3)
+    for proba, source in [
+        (np.full((4, 3), 1e300), [1e-300, 0.5, 0.5]),
+        (np.full((4, 3), 1.7e308), [1 / 3] * 3),
+        (np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), [0.2, 0.3, 0.5]),
+    ]:
+        prior = em_prior(proba, source)
+        assert np.all(np.isfinite(prior)) and prior.min() >= 0
+        assert prior.sum() == pytest.approx(1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    proba=arrays(
+        np.float64,
+        st.tuples(st.integers(1, 30), st.integers(2, 5)),
+        elements=st.floats(0, 1e300, allow_nan=False),
+    ),
+    data=st.data(),
+)
+def test_em_prior_on_arbitrary_posteriors(proba, data):
+    n_classes = proba.shape[1]
+    source = np.asarray(
+        data.draw(st.lists(st.floats(1e-300, 1.0), min_size=n_classes, max_size=n_classes))
+    )
+    pseudo = data.draw(st.sampled_from([0.0, 5.0]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prior = em_prior(proba, source, pseudo_counts=pseudo, max_iter=200)
+    except ValueError as exc:
+        assert "zero probability" in str(exc)
+        return
+    assert np.all(np.isfinite(prior)) and np.all(prior >= 0)
+    assert prior.sum() == pytest.approx(1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 60), min_size=3, max_size=3).filter(lambda c: sum(c) > 0),
+    significance=st.sampled_from([None, 0.05]),
+    method=st.sampled_from(["map", "em"]),
+)
+def test_adapt_on_arbitrary_unlabeled_sets_gives_valid_state(
+    adapt_model, counts, significance, method
+):
+    clf, means = adapt_model
+    rng = np.random.default_rng(sum(counts))
+    X, _ = draw(means, counts, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = copy.copy(clf).adapt(X, method=method, significance=significance)
+    assert model.test_prior_.sum() == pytest.approx(1.0)
+    assert 0 <= model.shift_pvalue_ <= 1
+    low, high = model.test_prior_interval_
+    assert np.all(low <= model.test_prior_ + 1e-12) and np.all(model.test_prior_ <= high + 1e-12)
+    proba = model.predict_proba(X)
+    assert np.all(np.isfinite(proba))
+    if significance is None:
+        assert model.shift_detected_
+
+
+@pytest.fixture(scope="module")
+def adapt_model():
+    rng = np.random.default_rng(5)
+    means = 2.0 * rng.normal(size=(3, 6)) / np.sqrt(6)
+    X, y = draw(means, [300, 100, 30], rng)
+    return BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(X, y), means
