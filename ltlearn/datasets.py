@@ -344,15 +344,20 @@ def load_long_tailed_digits(*, imbalance_ratio=10, random_state=0):
     )
 
 
+# Past this the class means vanish in the noise, and the float16 of a file overflows.
+_MAX_NOISE = 1000
+
+
 @validate_params(
     {
         "n_samples": [Interval(Integral, 1, None, closed="left")],
         "n_features": [Interval(Integral, 1, None, closed="left")],
         "n_classes": [Interval(Integral, 2, None, closed="left")],
         "imbalance_ratio": [Interval(Real, 1, None, closed="left")],
-        "noise": [Interval(Real, 0, None, closed="left")],
+        "noise": [Interval(Real, 0, _MAX_NOISE, closed="both")],
         "random_state": ["random_state"],
         "path": [str, os.PathLike, None],
+        "overwrite": ["boolean"],
         "block_rows": [Interval(Integral, 1, None, closed="left")],
     },
     prefer_skip_nested_validation=True,
@@ -366,6 +371,7 @@ def make_long_tailed_embeddings(
     noise=1.0,
     random_state=None,
     path=None,
+    overwrite=False,
     block_rows=65536,
 ):
     """Synthetic long-tailed embeddings: class means on a sphere plus Gaussian noise.
@@ -382,14 +388,19 @@ def make_long_tailed_embeddings(
     Parameters
     ----------
     n_samples, n_features, n_classes : int
+        Every class gets at least one row: ``n_samples >= n_classes``.
     imbalance_ratio : float, default=100
         Largest over smallest class size.
     noise : float, default=1.0
-        Norm of the noise relative to the class means'.
+        Norm of the noise relative to the class means', at most 1000.
     random_state : int, RandomState instance or None, default=None
     path : str or path-like, default=None
         Write a feature file (split ``"train"``, float16) block by block
         instead of returning arrays: the data never has to fit in memory.
+    overwrite : bool, default=False
+        Replace an existing file at ``path`` (atomically: the old one stays
+        intact until the new one is complete); without it an existing file
+        is an error.
     block_rows : int, default=65536
         Rows generated (and written) at a time.
 
@@ -405,6 +416,16 @@ def make_long_tailed_embeddings(
     >>> X.shape, np.bincount(y).tolist()
     ((1000, 8), [466, 260, 146, 82, 46])
     """
+    if n_samples < n_classes:
+        raise ValueError(
+            f"n_samples={n_samples} is less than n_classes={n_classes}: every class needs at "
+            "least one row. Raise n_samples or lower n_classes."
+        )
+    if path is not None:
+        from ltlearn.features.io import _check_output_path
+
+        # Before generating anything: the rows may take long to make.
+        _check_output_path(path, overwrite)
     rng = check_random_state(random_state)
     n_max = _largest_class_for(n_samples, n_classes, imbalance_ratio)
     counts = long_tail_counts(n_max, n_classes, imbalance_ratio)

@@ -24,11 +24,16 @@ root ``feature_groups``    JSON ``[[name, width], ...]``     optional: the colum
 Rows past ``n_rows`` were being written when a writer stopped; readers never
 return them and an appending writer overwrites them, which makes writing
 resumable.
+
+A merged file (:func:`merge`) holds the same layout as HDF5 virtual data sets
+that refer to its shards' rows; opening it checks that every shard is there.
 """
 
+import contextlib
 import datetime
 import json
 import os
+import socket
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +47,7 @@ __all__ = [
     "FeatureFile",
     "FeatureSplit",
     "FeatureWriter",
+    "merge",
     "read_features",
     "read_metadata",
     "write_features",
@@ -74,6 +80,98 @@ def _open_h5(path, mode):
         else:
             reason = f"cannot be opened as HDF5 ({text})"
         raise FeatureFileError(f"Feature file {str(path)!r} {reason}.") from exc
+
+
+# What h5py raises when the structure of a damaged file does not parse.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, TypeError, ValueError)
+
+
+def _source_candidates(name, home):
+    """Where HDF5 looks for the source file ``name`` of a virtual data set stored in ``home``.
+
+    An absolute name is tried as it is, then (as a relative one) by its base
+    name: under each ``HDF5_VDS_PREFIX`` entry, beside the virtual data set's
+    file, and relative to the working directory.
+    """
+    name = Path(name)
+    relative = Path(name.name) if name.is_absolute() else name
+    prefixes = [
+        Path(prefix.replace("${ORIGIN}", str(home)))
+        for prefix in os.environ.get("HDF5_VDS_PREFIX", "").split(os.pathsep)
+        if prefix
+    ]
+    first = [name] if name.is_absolute() else []
+    return first + [prefix / relative for prefix in prefixes] + [home / relative, relative]
+
+
+def _check_virtual_sources(h5file, datasets):
+    """Refuse virtual data sets whose source files are missing or hold too few rows.
+
+    HDF5 reads the rows of a missing source as the fill value without any
+    error: a merged file whose shard was moved or deleted would read as zeros.
+
+    Returns
+    -------
+    sources : set of pathlib.Path
+        The resolved source files.
+    """
+    home = Path(h5file.filename).resolve().parent
+    needed = {}
+    for dataset in datasets:
+        if dataset.is_virtual:
+            for mapping in dataset.virtual_sources():
+                if mapping.file_name != ".":  # "." is the file itself
+                    needed.setdefault(mapping.file_name, []).append((dataset.name, mapping))
+    sources = set()
+    for name, uses in needed.items():
+        where = f"{uses[0][0]!r} of {h5file.filename!r}"
+        found = next((p for p in _source_candidates(name, home) if p.is_file()), None)
+        if found is None:
+            raise FeatureFileError(
+                f"Feature file {h5file.filename!r} refers to shard {name!r}, which is missing: "
+                f"{where} would read its rows as zeros. Put the shard back (at that path or "
+                "beside the merged file), or merge again from the shards."
+            )
+        try:
+            with h5py.File(found, "r") as source:
+                for dataset_name, mapping in uses:
+                    stored = source.get(mapping.dset_name)
+                    _, end = mapping.src_space.get_select_bounds()
+                    if not isinstance(stored, h5py.Dataset) or any(
+                        e >= n for e, n in zip(end, stored.shape, strict=False)
+                    ):
+                        raise FeatureFileError(
+                            f"Feature file {h5file.filename!r} refers to rows of "
+                            f"'{mapping.dset_name}' in shard {str(found)!r} that the shard does "
+                            f"not hold (it was rewritten or truncated?): {dataset_name!r} would "
+                            "read them as zeros. Merge again from the shards."
+                        )
+        except _H5_ERRORS as exc:
+            if isinstance(exc, FeatureFileError):
+                raise
+            raise FeatureFileError(
+                f"Feature file {h5file.filename!r} refers to shard {str(found)!r}, which cannot "
+                f"be read ({exc}); restore the shard or merge again from the shards."
+            ) from exc
+        sources.add(found.resolve())
+    return sources
+
+
+def _refuse_directory(path):
+    if Path(path).is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory; give the path of a file in it, e.g. "
+            f"{str(Path(path) / 'features.h5')!r}."
+        )
+
+
+def _check_output_path(path, overwrite):
+    """Refuse to write a file over a directory, or over an existing file unless ``overwrite``."""
+    _refuse_directory(path)
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(
+            f"Feature file {str(path)!r} already exists; pass overwrite=True to replace it."
+        )
 
 
 class FeatureFile:
@@ -117,13 +215,27 @@ class FeatureFile:
         self.path = Path(path)
         self._file = _open_h5(self.path, "r")
         try:
-            self._check_layout()
+            with self._damage("opening it"):
+                self._check_layout()
         except BaseException:
             self._file.close()
             raise
 
     def _error(self, what):
         return FeatureFileError(f"Feature file {str(self.path)!r} {what}.")
+
+    @contextlib.contextmanager
+    def _damage(self, doing):
+        """Turn what h5py raises on a damaged file into a FeatureFileError naming the file."""
+        try:
+            yield
+        except FeatureFileError:
+            raise
+        except _H5_ERRORS as exc:
+            raise self._error(
+                f"is corrupt: {doing} failed ({type(exc).__name__}: {exc}); re-create the file "
+                "or restore it from a copy"
+            ) from exc
 
     def _check_layout(self):
         f = self._file
@@ -155,6 +267,13 @@ class FeatureFile:
         self.feature_groups = self._parse_feature_groups()
         for split in self.splits:
             self._check_split(split)
+        datasets = [
+            dataset
+            for split in self.splits
+            for dataset in self._file[split].values()
+            if isinstance(dataset, h5py.Dataset)
+        ]
+        self._sources = _check_virtual_sources(self._file, datasets)
 
     def _parse_feature_groups(self):
         text = self.attrs.get("feature_groups")
@@ -173,6 +292,9 @@ class FeatureFile:
 
     def _check_split(self, split):
         group = self._file[split]
+        for name in ("features", "labels", "ids", "views"):
+            if name in group and not isinstance(group[name], h5py.Dataset):
+                raise self._error(f"is corrupt: '/{split}/{name}' is not a data set")
         features, labels = group["features"], group["labels"]
         if features.ndim != 2:
             raise self._error(f"has '/{split}/features' of shape {features.shape}; expected 2-D")
@@ -216,10 +338,12 @@ class FeatureFile:
     def _read(self, split, name, rows, dtype=None):
         dataset = self._group(split)[name]
         try:
+            if name == "ids":
+                return np.array([_decode(v) for v in dataset[rows]], dtype=object)
             if dtype is not None and dataset.dtype != dtype:
                 return dataset.astype(dtype)[rows]
             return dataset[rows]
-        except (OSError, ValueError) as exc:
+        except _H5_ERRORS as exc:
             raise self._error(
                 f"could not be read at '/{split}/{name}' rows {rows.start}:{rows.stop} ({exc}); "
                 "the file may be truncated or corrupt"
@@ -309,8 +433,7 @@ class FeatureFile:
         """Row ids (e.g. image paths) of a split as str, or None when it has none."""
         if "ids" not in self._group(split):
             return None
-        values = self._read(split, "ids", self._rows(split, start, stop))
-        return np.array([_decode(v) for v in values], dtype=object)
+        return self._read(split, "ids", self._rows(split, start, stop))
 
     def views(self, split="train", *, start=None, stop=None, dtype=np.float32):
         """Embeddings of the augmented views of rows ``start:stop``, or None when there are none.
@@ -392,7 +515,7 @@ class FeatureSplit:
 
     def __init__(self, source, split="train", *, block_chunks=16, prefetch=2):
         if isinstance(source, FeatureFile):
-            self.name = f"{str(source.path)!r}, split {split!r}"
+            self.name = f"split {split!r} of {str(source.path)!r}"
             self._features = source._group(split)["features"]
             n_rows = source.n_rows(split)
             self.labels = source.labels(split)
@@ -400,10 +523,17 @@ class FeatureSplit:
             if source.ndim != 2:
                 raise ValueError(f"An h5py data set of features must be 2-D; got {source.shape}.")
             self.name = f"data set {source.name!r} of {source.file.filename!r}"
+            _check_virtual_sources(source.file, [source])
             self._features, n_rows, self.labels = source, source.shape[0], None
         else:
             raise TypeError(
                 f"FeatureSplit reads a FeatureFile or an h5py.Dataset; got {type(source).__name__}."
+            )
+        if n_rows == 0:
+            # Estimators would fail later on the empty label set with an obscure error.
+            raise ValueError(
+                f"The {self.name} has no rows, so there is nothing to stream; write rows to it "
+                "first (FeatureWriter.append, extract) or pass another split."
             )
         self.shape = (int(n_rows), int(self._features.shape[1]))
         self.chunk_rows = int((self._features.chunks or (1024,))[0])
@@ -422,7 +552,7 @@ class FeatureSplit:
         """Rows ``start:stop`` as an array."""
         try:
             return np.asarray(self._features[start:stop], dtype=dtype)
-        except (OSError, ValueError) as exc:
+        except _H5_ERRORS as exc:
             raise FeatureFileError(
                 f"Could not read rows {start}:{stop} of {self.name} ({exc}); the file may be "
                 "truncated or corrupt."
@@ -545,14 +675,73 @@ def _remove_stale_temporaries(target):
     """
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         pid = stale.name[len(target.name) + 2 : -len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
             stale.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            continue
+
+
+def _process_alive(pid):
+    """Whether process ``pid`` of this host runs; a number no process can have is not."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class _WriteLock:
+    """An exclusive lock of ltlearn's own on writing ``path``: a lock file beside it.
+
+    HDF5's own file locking is often switched off (``HDF5_USE_FILE_LOCKING=FALSE``,
+    the usual setting on NFS and Lustre), and two writers of one file then
+    corrupt it. The lock file ``.<name>.lock`` is created exclusively
+    (``O_EXCL``, atomic on local file systems and NFS v3 and later) and names
+    its host and process: a lock left by a dead process of this host is
+    taken over; one left by a killed writer on another host must be deleted
+    by hand, as the error says.
+    """
+
+    def __init__(self, path):
+        self.target = Path(path)
+        self.path = self.target.with_name(f".{self.target.name}.lock")
+        owner = f"{socket.gethostname()} {os.getpid()}"
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(
+                f"Cannot write {str(self.target)!r}: the folder {str(self.path.parent)!r} does "
+                "not exist."
+            )
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(owner)
+            return
+
+    def _take_over_or_refuse(self):
+        try:
+            host, pid = self.path.read_text().split()
+            pid = int(pid)
+        except FileNotFoundError:  # released meanwhile
+            return
+        except ValueError:  # its writer has created it but not yet written its name
+            owner = "a writer that is starting"
+        else:
+            if host == socket.gethostname() and not _process_alive(pid):
+                self.path.unlink(missing_ok=True)
+                return
+            owner = f"process {pid} on host {host}"
+        raise FeatureFileError(
+            f"Feature file {str(self.target)!r} is being written by another writer ({owner}); "
+            "wait until it has finished. If no writer is running (one on another host was "
+            f"killed), delete the lock file {str(self.path)!r}."
+        )
+
+    def release(self):
+        self.path.unlink(missing_ok=True)
 
 
 class FeatureWriter:
@@ -561,6 +750,16 @@ class FeatureWriter:
     Each :meth:`append` writes its rows, flushes them, and only then advances
     the split's ``n_rows``: a writer killed mid-way leaves a file whose
     complete rows are readable and which ``mode="a"`` continues.
+
+    One writer at a time: a writer holds the lock file ``.<name>.lock``
+    beside ``path`` until it closes, and a second writer of the same file
+    (another process, this one, or another host sharing the file system) is
+    refused with a :class:`~ltlearn.exceptions.FeatureFileError`. This holds
+    where HDF5's own locking is off (``HDF5_USE_FILE_LOCKING=FALSE`` on NFS
+    and Lustre), as long as the file system creates files exclusively
+    (``O_EXCL``; NFS v3 and later do). A lock left by a killed writer is
+    taken over on the same host; one from another host must be deleted by
+    hand (the error names it). Readers take no lock.
 
     Parameters
     ----------
@@ -622,28 +821,34 @@ class FeatureWriter:
         self.mode = mode
         attrs = {k: _decode(v) for k, v in (attrs or {}).items()}
 
+        _refuse_directory(self.path)
         if mode == "x" and self.path.exists():
             raise FileExistsError(
                 f"Feature file {str(self.path)!r} already exists; pass mode='a' to append to "
                 "it or mode='w' to replace it."
             )
+        self._lock = _WriteLock(self.path)
+        self._target, self._file = self.path, None
         if mode == "w":
-            self._target = self.path
-            _remove_stale_temporaries(self.path)
             self.path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        if mode == "a" and self.path.exists():
+        try:
+            self._open(attrs)
+        except BaseException:
+            self.close(commit=False)
+            raise
+
+    def _open(self, attrs):
+        if self.mode == "w":
+            _remove_stale_temporaries(self._target)
+        if self.mode == "a" and self.path.exists():
             self._file = _open_h5(self.path, "r+")
             self._check_compatible(attrs)
         else:
-            self._file = _open_h5(self.path, "w" if mode == "w" else "x")
+            self._file = _open_h5(self.path, "w" if self.mode == "w" else "x")
             self._file.create_dataset(
                 "classes", data=np.array(self.classes, dtype=object), dtype=h5py.string_dtype()
             )
-            from ltlearn import __version__
-
-            created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            defaults = {"ltlearn_version": __version__, "created": created}
-            for key, value in {**defaults, **attrs}.items():
+            for key, value in {**_default_attrs(), **attrs}.items():
                 self._file.attrs[key] = value
             self._file.flush()
 
@@ -651,7 +856,6 @@ class FeatureWriter:
         f = self._file
         existing = [_decode(c) for c in f["classes"][()]] if "classes" in f else None
         if existing != self.classes:
-            self._file.close()
             raise FeatureFileError(
                 f"Refusing to append to {str(self.path)!r}: its classes {existing} differ from "
                 f"the writer's {self.classes}."
@@ -659,7 +863,6 @@ class FeatureWriter:
         for key, value in attrs.items():
             stored = _decode(f.attrs[key]) if key in f.attrs else value
             if key != "created" and stored != value:
-                self._file.close()
                 raise FeatureFileError(
                     f"Refusing to append to {str(self.path)!r}: it was written with "
                     f"{key}={stored!r}, this writer has {key}={value!r}. "
@@ -709,6 +912,7 @@ class FeatureWriter:
         split : str
             Split name, e.g. ``"train"``.
         features : array-like of shape (n, n_features)
+            Zero rows write nothing (``progress`` is still recorded).
         labels : array-like of shape (n,)
             Label indices into ``classes``.
         ids : sequence of str, optional
@@ -749,6 +953,11 @@ class FeatureWriter:
             if not np.all(np.isfinite(views)):
                 raise ValueError(f"views of split '{split}' contain NaN or infinite values.")
             self._check_storable(split, "views", views)
+        if n == 0:
+            # A source block that yielded no rows (every image skipped) still moves progress.
+            if progress:
+                self.record_progress(split, **progress)
+            return
         group = self._file.require_group(split)
         start = int(group.attrs.get("n_rows", 0))
         datasets = self._datasets(group, features.shape[1], ids is not None)
@@ -775,7 +984,7 @@ class FeatureWriter:
     def _check_storable(self, split, name, values):
         """Finite values that the storage type would turn into infinities are an error."""
         limit = float(np.finfo(self.dtype).max)
-        too_big = np.abs(values.reshape(len(values), -1)).max(axis=1, initial=0) > limit
+        too_big = np.abs(values).max(axis=tuple(range(1, values.ndim)), initial=0) > limit
         if np.any(too_big):
             rows = np.flatnonzero(too_big)
             raise ValueError(
@@ -839,21 +1048,32 @@ class FeatureWriter:
         return group["views"]
 
     def close(self, *, commit=True):
-        """Close the file; in ``mode="w"``, move it into place (or discard it)."""
-        if not self._file:
+        """Close the file and release it; in ``mode="w"``, move it into place (or discard it)."""
+        if self._lock is None:
             return
-        self._file.close()
-        if self.mode == "w":
-            if commit:
+        try:
+            if self._file:
+                self._file.close()
+            if self.mode == "w" and commit:
                 os.replace(self.path, self._target)
-            else:
-                self.path.unlink(missing_ok=True)
+        finally:
+            if self.mode == "w":
+                self.path.unlink(missing_ok=True)  # gone after a successful replace
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *exc_info):
         self.close(commit=exc_type is None)
+
+
+def _default_attrs():
+    from ltlearn import __version__
+
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"ltlearn_version": __version__, "created": created}
 
 
 def write_features(path, splits, classes, *, attrs=None, overwrite=False, dtype="float16"):
@@ -883,10 +1103,163 @@ def write_features(path, splits, classes, *, attrs=None, overwrite=False, dtype=
     >>> read_features(path)[0].shape
     (2, 2)
     """
-    if not overwrite and Path(path).exists():
-        raise FileExistsError(
-            f"Feature file {str(path)!r} already exists; pass overwrite=True to replace it."
-        )
+    _check_output_path(path, overwrite)
     with FeatureWriter(path, classes=classes, attrs=attrs, mode="w", dtype=dtype) as writer:
         for split, arrays in splits.items():
             writer.append(split, *arrays)
+
+
+# Rows that a virtual data set cannot find read as these, never as plausible data.
+_MERGE_FILL = {"features": np.nan, "views": np.nan, "labels": -1}
+
+
+def merge(shards, path, *, overwrite=False):
+    """Join shard files into one feature file of HDF5 virtual data sets.
+
+    The merged file refers to the shards' complete rows (features, labels
+    and views) without copying them, and copies their ids; keep the shard
+    files where they are or beside the merged file: opening a merged file
+    whose shard is missing is an error naming it. Shards must share classes,
+    feature width and type, views, ids and provenance (including the feature
+    groups), apart from the ``shard`` and ``created`` attributes. The merged
+    file keeps that provenance, lists its shards in ``merged_from`` and
+    gathers their skipped ids in each split's ``skipped`` attribute.
+
+    Parameters
+    ----------
+    shards : sequence of str or path-like
+        Shard files in order.
+    path : str or path-like
+        The merged file; never one of the shards (nor a file that a shard
+        refers to).
+    overwrite : bool, default=False
+        Replace an existing file (atomically: the old one stays intact until
+        the new one is complete).
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> shards = [os.path.join(folder, f"s{i}.h5") for i in range(2)]
+    >>> for i, shard in enumerate(shards):
+    ...     write_features(shard, {"train": (np.full((2, 3), i), [0, 1])}, classes=["a", "b"])
+    >>> merged = merge(shards, os.path.join(folder, "all.h5"))
+    >>> read_features(merged)[0][:, 0].tolist()
+    [0.0, 0.0, 1.0, 1.0]
+    """
+    path = Path(path)
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise ValueError("merge needs at least one shard file.")
+    _check_output_path(path, overwrite)
+    opened = []
+    try:
+        for shard in shards:
+            opened.append(FeatureFile(shard))
+        _check_shards(opened, path)
+        lock = _WriteLock(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            _remove_stale_temporaries(path)
+            with _open_h5(tmp, "w") as out:
+                _write_merged(out, opened)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            lock.release()
+    finally:
+        for f in opened:
+            f.close()
+    return path
+
+
+def _provenance(f):
+    return {k: v for k, v in f.attrs.items() if k not in ("shard", "created")}
+
+
+def _check_shards(opened, path):
+    """Refuse shards that are not parts of one run, or that ``path`` would destroy."""
+    first = opened[0]
+    for i, shard in enumerate(opened):
+        for earlier in opened[:i]:
+            if os.path.samefile(shard.path, earlier.path):
+                raise ValueError(
+                    f"Shards {str(earlier.path)!r} and {str(shard.path)!r} are the same file; "
+                    "its rows would appear twice. Name each shard once."
+                )
+        if path.exists() and any(os.path.samefile(path, p) for p in [shard.path, *shard._sources]):
+            what = "is" if os.path.samefile(path, shard.path) else "holds rows referred to by"
+            raise ValueError(
+                f"Refusing to merge into {str(path)!r}: it {what} shard {str(shard.path)!r}, "
+                "and replacing it would destroy the rows the merged file refers to. Write the "
+                "merged file to another path."
+            )
+        if shard.classes != first.classes:
+            raise FeatureFileError(
+                f"Shard {str(shard.path)!r} has other classes than {str(first.path)!r}: "
+                f"{shard.classes} against {first.classes}; not shards of one run."
+            )
+        attrs, reference = _provenance(shard), _provenance(first)
+        diff = sorted(k for k in set(attrs) | set(reference) if attrs.get(k) != reference.get(k))
+        if diff:
+            raise FeatureFileError(
+                f"Shard {str(shard.path)!r} differs from {str(first.path)!r} in {diff}: "
+                "not shards of one run."
+            )
+    for split in sorted(set().union(*(f.splits for f in opened))):
+        parts = [f for f in opened if split in f.splits]
+        for name in ("features", "labels", "ids", "views"):
+            kinds = {}
+            for f in parts:
+                stored = f._file[split].get(name)
+                kind = (
+                    "none" if stored is None else f"{stored.dtype} rows of shape {stored.shape[1:]}"
+                )
+                kinds.setdefault(kind, []).append(str(f.path))
+            if len(kinds) > 1:
+                described = "; ".join(f"{kind} in {files}" for kind, files in kinds.items())
+                raise FeatureFileError(
+                    f"Shards differ in '/{split}/{name}': {described}. Merge only shards of "
+                    "one extraction run (same backbone, layers, views and dtype)."
+                )
+
+
+def _write_merged(out, opened):
+    first = opened[0]
+    out.create_dataset(
+        "classes", data=np.array(first.classes, dtype=object), dtype=h5py.string_dtype()
+    )
+    for key, value in {**_provenance(first), "created": _default_attrs()["created"]}.items():
+        out.attrs[key] = value
+    out.attrs["merged_from"] = [f.path.name for f in opened]
+    for split in sorted(set().union(*(f.splits for f in opened))):
+        parts = [(f, f.n_rows(split)) for f in opened if split in f.splits]
+        total = sum(n for _, n in parts)
+        group = out.create_group(split)
+        for name, fill in _MERGE_FILL.items():
+            sample = parts[0][0]._file[split].get(name)
+            if sample is None:
+                continue
+            layout = h5py.VirtualLayout(shape=(total, *sample.shape[1:]), dtype=sample.dtype)
+            offset = 0
+            for f, n in parts:
+                if n:
+                    stored = f._file[split][name]
+                    source = h5py.VirtualSource(
+                        str(f.path.resolve()), f"{split}/{name}", shape=stored.shape
+                    )
+                    layout[offset : offset + n] = source[:n]
+                offset += n
+            group.create_virtual_dataset(name, layout, fillvalue=fill)
+        if "ids" in parts[0][0]._file[split]:
+            # Ids are variable-length strings, which virtual data sets cannot hold: copied.
+            ids = np.concatenate([f.ids(split) for f, _ in parts])
+            group.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+        skipped = [str(s) for f, _ in parts for s in f._file[split].attrs.get("skipped", [])]
+        if skipped:
+            group.attrs["skipped"] = skipped
+        group.attrs["n_rows"] = total
