@@ -49,7 +49,10 @@ def test_ldam_margins_and_deferred_reweighting_by_hand():
 def test_ride_diversity_term_by_hand():
     prior = torch.tensor([0.8, 0.2])
     base = LogitAdjustedLoss(prior, tau=0.0)
-    loss = RIDELoss(base, prior, diversity=-0.2, temperature=1.0, reweight_factor=0.5)
+    # drw_start=0: the per-class temperatures from the first step on.
+    loss = RIDELoss(
+        base, prior, diversity=-0.2, temperature=1.0, reweight_factor=0.5, drw_start=0, n_steps=1
+    )
     logits = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]]])  # 2 experts, 1 sample
     target = torch.tensor([0])
     # Per-class temperatures: C p r + 1 - r = (1.3, 0.7), scaled to a largest of one.
