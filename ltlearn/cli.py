@@ -289,7 +289,9 @@ def build_parser():
         "merge",
         help="join shard feature files into one (HDF5 virtual data sets, nothing copied)",
         description="Join the files written by 'ltlearn extract --shard I/N' into one feature "
-        "file whose features refer to the shards' rows.",
+        "file whose features, labels and views refer to the shards' rows: keep the shards where "
+        "they are or beside OUT.h5 (opening OUT.h5 without them is an error naming them). "
+        "OUT.h5 may not be one of the shards.",
     )
     merge.add_argument("output", metavar="OUT.h5")
     merge.add_argument("shards", nargs="+", metavar="SHARD.h5")

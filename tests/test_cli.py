@@ -8,7 +8,9 @@ from ltlearn.cli import main
 from ltlearn.features import write_features
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["demo", "--help"], ["info", "--help"], ["merge", "--help"]]
+)
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
