@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from ltlearn._optional import import_optional
 from ltlearn._training import resolve_device
-from ltlearn.exceptions import FeatureFileError, LtlearnError
+from ltlearn.exceptions import LtlearnError
 from ltlearn.features.backbones import Backbone
-from ltlearn.features.io import FeatureFile, FeatureWriter
+from ltlearn.features.io import FeatureWriter
 from ltlearn.features.resize import ResizeNormalize, resize_uint8
 
-__all__ = ["CorruptImageWarning", "extract", "merge"]
+__all__ = ["CorruptImageWarning", "extract"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 
@@ -739,81 +739,3 @@ def _use_onnxruntime(engine, device, backbone):
     available = importlib.util.find_spec("onnxruntime") is not None
     return available and device.type == "cpu" and isinstance(backbone.module, torch.nn.Module)
 
-
-def merge(shards, path, *, overwrite=False):
-    """Join shard files into one feature file of HDF5 virtual data sets.
-
-    The merged file refers to the shards' rows (only complete ones) without
-    copying them: keep the shard files beside it. Shards must share classes,
-    feature width and provenance (apart from the ``shard`` attribute).
-
-    Parameters
-    ----------
-    shards : sequence of str or path-like
-        Shard files in order.
-    path : str or path-like
-        The merged file.
-    overwrite : bool, default=False
-
-    Returns
-    -------
-    path : pathlib.Path
-    """
-    path = Path(path)
-    shards = [Path(s) for s in shards]
-    if not shards:
-        raise ValueError("merge needs at least one shard file.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
-    opened = [FeatureFile(s) for s in shards]
-    try:
-        first = opened[0]
-        reference = {k: v for k, v in first.attrs.items() if k not in ("shard", "created")}
-        for other in opened[1:]:
-            if other.classes != first.classes:
-                raise FeatureFileError(f"{other.path} has other classes than {first.path}.")
-            attrs = {k: v for k, v in other.attrs.items() if k not in ("shard", "created")}
-            if attrs != reference:
-                diff = sorted(
-                    k for k in set(attrs) | set(reference) if attrs.get(k) != reference.get(k)
-                )
-                raise FeatureFileError(
-                    f"{other.path} differs from {first.path} in {diff}: not shards of one run."
-                )
-        splits = sorted(set().union(*(f.splits for f in opened)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with h5py.File(tmp, "w") as out:
-            out.create_dataset(
-                "classes", data=np.array(first.classes, dtype=object), dtype=h5py.string_dtype()
-            )
-            for key, value in reference.items():
-                out.attrs[key] = value
-            out.attrs["merged_from"] = [s.name for s in shards]
-            for split in splits:
-                parts = [(f, f.n_rows(split)) for f in opened if split in f.splits]
-                total = sum(n for _, n in parts)
-                group = out.create_group(split)
-                for name in ("features", "labels"):
-                    sample = parts[0][0]._file[split][name]
-                    shape = (total, *sample.shape[1:])
-                    layout = h5py.VirtualLayout(shape=shape, dtype=sample.dtype)
-                    offset = 0
-                    for f, n in parts:
-                        if n:
-                            source = h5py.VirtualSource(
-                                str(Path(f.path).resolve()),
-                                f"{split}/{name}",
-                                shape=f._file[split][name].shape,
-                            )
-                            layout[offset : offset + n] = source[:n]
-                        offset += n
-                    group.create_virtual_dataset(name, layout)
-                # Ids are variable-length strings, which virtual data sets cannot hold: copied.
-                ids = np.concatenate([f.ids(split) for f, _ in parts])
-                group.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-                group.attrs["n_rows"] = total
-        tmp.replace(path)
-    finally:
-        for f in opened:
-            f.close()
-    return path
