@@ -204,10 +204,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         "_adapted_logits_",
     )
 
-    def _adapted_prior_shift(self):
-        """None: adaptation is applied in ``_view_scores``."""
-        return None
-
     def _balanced_logits(self, X):
         """Logits of validated ``X`` whose softmax is the posterior under a uniform prior.
 

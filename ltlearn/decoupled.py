@@ -221,5 +221,3 @@ random_state, verbose
         # Stage 2 re-balanced the classifier: its logits model the balanced posterior.
         return self._logits(X) + np.log(self.class_prior_).astype(np.float32)
 
-    def _logit_shift(self):
-        return self._adapted_prior_shift()

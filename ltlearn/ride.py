@@ -413,9 +413,7 @@ random_state, verbose
     def _scores(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        logits = self._routed(X)[0]
-        shift = self._adapted_prior_shift()
-        return logits if shift is None else logits + shift.astype(np.float32)
+        return self._routed(X)[0]
 
     def n_experts_used(self, X):
         """How many experts the router used for each row (at ``router_threshold``).

@@ -337,8 +337,6 @@ random_state, verbose
         # The re-trained heads learn the balanced posterior (Balanced Softmax).
         return self._logits(X) + np.log(self.class_prior_).astype(np.float32)
 
-    def _logit_shift(self):
-        return self._adapted_prior_shift()
 
 
 class _PerExpert(nn.Module):
