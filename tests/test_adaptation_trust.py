@@ -110,9 +110,7 @@ def test_intervals_cover_a_known_prior_at_their_nominal_rate():
     for _ in range(60):
         truth = rng.dirichlet(np.full(5, 2.0))
         X, _ = draw(means, rng.multinomial(1000, truth), rng)
-        details = estimate_test_prior(
-            clf, X, method="em", source_prior=source, return_details=True
-        )
+        details = estimate_test_prior(clf, X, method="em", source_prior=source, return_details=True)
         low, high = details.interval
         covered.extend((low <= truth) & (truth <= high))
         assert 0 < details.effective_rows < 1000
@@ -262,3 +260,16 @@ def adapt_model():
     means = 2.0 * rng.normal(size=(3, 6)) / np.sqrt(6)
     X, y = draw(means, [300, 100, 30], rng)
     return BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(X, y), means
+
+
+def test_readme_quick_start_prints_what_it_says(capsys):
+    """The README's first snippet runs and prints the numbers the README shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code, shown = re.search(
+        r"## Quick start\n\n```python\n(.*?)```.*?```text\n(.*?)```", readme, re.S
+    ).groups()
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out == shown
