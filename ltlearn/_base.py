@@ -259,8 +259,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self : object
             The estimator, adapted when a shift was detected.
 
-        Attributes
-        ----------
+        Notes
+        -----
         After ``adapt``, the estimator holds ``test_prior_`` (the estimate,
         whether or not a shift was detected), ``test_prior_interval_`` (shape
         (2, n_classes), lower and upper bounds at ``confidence``, default 90
