@@ -611,9 +611,9 @@ def estimate_test_prior(
     >>> prior = estimate_test_prior(clf, data.X_test[rows])
     >>> bool(prior[0] > 2 * prior[9])
     True
-    >>> details = estimate_test_prior(clf, data.X_test, return_details=True)  # balanced
-    >>> bool(details.pvalue > 0.05)  # no evidence of a shift
-    True
+    >>> details = estimate_test_prior(clf, data.X_test[rows], return_details=True)
+    >>> bool(details.pvalue < 0.05), details.interval.shape  # a shift, and 90 % bands
+    (True, (2, 10))
     """
     if method not in LABEL_SHIFT_METHODS:
         raise ValueError(f"method must be one of {list(LABEL_SHIFT_METHODS)}; got {method!r}.")
