@@ -199,7 +199,8 @@ def test_synthetic_rows_keep_each_class_weight(digits, monkeypatch, balanced):
     monkeypatch.setattr(ltlearn._base, "fit_module", spy)
     X, y = digits.X_train, digits.y_train
     weights = np.random.default_rng(0).uniform(0.5, 3.0, len(y))
-    params = dict(tail_synthesis=0.5, max_epochs=2, **FAST)
+    # Without cross-fitting, the spy's last call is the main fit's.
+    params = dict(tail_synthesis=0.5, max_epochs=2, calibration_cv=None, **FAST)
     if balanced:
         params.update(balanced_sampling=True, tau=0.0)
     model = BalancedSoftmaxClassifier(**params).fit(X, y, sample_weight=weights)
