@@ -189,7 +189,7 @@ def make_methods(models, X_test, y_test, validation, grid_scores):
         def run(rows, idx, truth, views):
             model = copy.copy(sade)
             if use_views:
-                model.adapt(X_test[rows], views=views[rows])
+                model.adapt(X_test[rows], views=views[rows], method="aggregation")
             else:
                 model.adapt(X_test[rows], method="aggregation")
             return model.predict(X_test[idx]), None
@@ -206,6 +206,9 @@ def make_methods(models, X_test, y_test, validation, grid_scores):
         "BalancedSoftmax + true test prior (oracle)": oracle(bs_scores),
         "BalancedSoftmax + EM": adapted(bs, method="em"),
         "BalancedSoftmax + MAP (default adapt)": adapted(bs, method="map"),
+        "BalancedSoftmax + MAP, adapting whatever the test says": adapted(
+            bs, method="map", significance=None
+        ),
         "PRL, uniform preference": lambda r, i, t, v: (prl.predict(X_test[i]), None),
         "PRL, best preference in hindsight (oracle)": prl_hindsight,
         "PRL + EM": adapted(prl, method="em"),
@@ -249,7 +252,9 @@ def adaptation_times(models, X, views, validation, repeats=3):
             rows, method="rlls", validation=validation
         ),
         "PRL MAP (prior + preference)": lambda: copy.copy(prl).adapt(rows),
-        "SADE aggregation, 2 views": lambda: copy.copy(sade).adapt(rows, views=views[:10_000]),
+        "SADE aggregation, 2 views": lambda: copy.copy(sade).adapt(
+            rows, views=views[:10_000], method="aggregation"
+        ),
         "BalancedSoftmax predict (for scale)": lambda: bs.predict(rows),
     }
     print(
