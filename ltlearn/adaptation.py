@@ -600,6 +600,17 @@ def estimate_test_prior(
         prior are ``softmax(scale * f + offset + log(source_prior))`` with
         ``f`` the balanced logits) and ``n_rows``.
 
+    Notes
+    -----
+    Everything here assumes calibrated posteriors. A scikit-learn classifier
+    is read as it is (its training data are not at hand to cross-fit a
+    temperature): pass ``validation`` (BCTS) or wrap it in
+    :class:`~sklearn.calibration.CalibratedClassifierCV` first. A strongly
+    regularised ``LogisticRegression`` (``C=0.003`` on CIFAR-10-LT
+    embeddings) is under-confident enough that the test rejects "no shift"
+    on balanced sets and adaptation costs it 4 to 14 points
+    (``benchmarks/bench_adaptation_shifts.py``).
+
     Examples
     --------
     >>> import numpy as np
