@@ -76,6 +76,8 @@ def test_layers_leave_the_embedding_alone_and_refuse_a_module_called_twice(tmp_p
     # call used to return its first output, a 4-wide "embedding" instead of 5.
     with pytest.raises(LtlearnError, match=r"\['relu'\].*more than once.*'relu': 2"):
         extract(source, backbone, tmp_path / "g.h5", layers=["relu"], engine="torch", **OPTIONS)
+    # The refused run leaves no file behind that would read as "interrupted".
+    assert not (tmp_path / "g.h5").exists()
 
 
 def cifar10_directory(root, meta=None):

@@ -565,6 +565,7 @@ def extract(
         return path
     mode = "w" if overwrite else "a"
     with (
+        _removed_if_left_empty(path, split),
         FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer,
         contextlib.ExitStack() as stack,
     ):
@@ -649,6 +650,33 @@ def extract(
                     pending.write(writer, split, pending.items_done, skipped)
         _check_not_all_skipped(writer, path, split, skipped, first_error)
     return path
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path, split):
+    """Remove ``path`` on failure if this call created it and it records no progress.
+
+    Such a file (e.g. after a layer refused in the first batch) would later
+    read as "interrupted"; it holds nothing of the user's.
+    """
+    created = not path.exists()
+    try:
+        yield
+    except BaseException:
+        if created and path.exists() and _items_done(path, split) == 0:
+            path.unlink()
+        raise
+
+
+def _items_done(path, split):
+    """Items a feature file records as done in ``split`` (0 when nothing is readable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f[split].attrs.get("items_done", 0)) if split in f else 0
+    except (OSError, KeyError, ValueError):  # an empty or half-created file holds nothing
+        return 0
 
 
 # Names the file layout (ltlearn.features.io) uses at the root of a feature file.
