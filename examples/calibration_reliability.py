@@ -2,68 +2,76 @@
 Calibration under long tails: reliability diagrams
 ==================================================
 
-Calibrate a long-tailed classifier and draw reliability diagrams.
+Calibrate long-tailed classifiers and draw their reliability diagrams on the balanced
+test set: a plain cross-entropy head and a BalancedSoftmaxClassifier, each calibrated by
+plain temperature scaling and by LongTailTemperatureScaler.
 
-Splits a long-tailed training set 80/20 into train and calibration sets (both
-long-tailed), fits a plain cross-entropy head and a BalancedSoftmaxClassifier
-on the 80 %, calibrates each on the 20 % with plain temperature scaling and
-with LongTailTemperatureScaler, and writes their reliability diagrams on the
-balanced test set to ``reliability.png``. Uses the project's CIFAR-10 feature
-file, or scikit-learn's digits when it is absent.
+It reads any feature file with ``train`` and ``test`` splits (``ltlearn extract`` writes
+one); without one it uses scikit-learn's digits, made long-tailed, and runs in seconds:
 
-    python examples/calibration_reliability.py [--features FILE] [--out FILE]
+.. code-block:: console
 
-Needs the ``plot`` extra (``pip install -e ".[plot]"``).
+    python calibration_reliability.py --features FILE --out reliability.png
+    python calibration_reliability.py --digits
+
+Needs matplotlib (``pip install matplotlib``).
 """
 
 import argparse
 from pathlib import Path
 
-from _cli import HelpFormatter
+import matplotlib.pyplot as plt
 
 from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler
-from ltlearn._optional import import_optional
 from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, train_val_split
 from ltlearn.features import read_features
 from ltlearn.plotting import plot_reliability_diagram
 
+# %%
+# The data
+# --------
+# By default the script looks for the project's CIFAR-10 EfficientNet-Lite0 embeddings
+# beside its checkout; pass ``--features FILE`` for your own file, or ``--digits``. The
+# long-tailed training set is split 80 / 20 into a training and a calibration set, both
+# long-tailed.
+
 # sphinx-gallery runs examples without __file__, from their folder.
-_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
+here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+project_file = here.parent.parent / "shared" / "data" / "cifar10_effnetlite0.h5"
 
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser = argparse.ArgumentParser(description="Reliability diagrams of long-tailed classifiers.")
+parser.add_argument("--features", type=Path, help="feature file with train and test splits")
 parser.add_argument(
-    "--features",
-    type=Path,
-    help="feature file with train and test splits (default: the project's CIFAR-10 file, "
-    "or scikit-learn's digits when it is absent)",
+    "--imbalance-ratio", type=float, default=100, help="of the training set (default: 100)"
 )
 parser.add_argument(
-    "--imbalance-ratio", type=float, default=100, help="imbalance ratio of the training set"
+    "--out", type=Path, default=Path("reliability.png"), help="figure (default: reliability.png)"
 )
-parser.add_argument("--out", type=Path, default=Path("reliability.png"), help="figure to write")
-parser.add_argument(
-    "--digits", action="store_true", help="use scikit-learn's digits instead (seconds)"
-)
+parser.add_argument("--digits", action="store_true", help="use scikit-learn's digits (seconds)")
 args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
-features = None if args.digits else (args.features or DEFAULT)
+features = args.features or (None if args.digits or not project_file.exists() else project_file)
 
-if features is not None and features.exists():
+if features is not None:
     X_pool, y_pool = read_features(features, "train")
     X_test, y_test = read_features(features, "test")
     keep = long_tailed_subset(y_pool, args.imbalance_ratio, random_state=0)
     X_lt, y_lt = X_pool[keep], y_pool[keep]
 else:
-    if features is not None:
-        print(f"{features} not found: using scikit-learn's digits, made long-tailed (IR 10).")
     data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
     X_lt, y_lt, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
 train, cal = train_val_split(y_lt, val_size=0.2, random_state=0)
 
-plt = import_optional("matplotlib.pyplot", "plot")
+# %%
+# Calibrate and draw
+# ------------------
+# ``weighting="none"`` is plain temperature scaling: on a long-tailed calibration set
+# it fits the head classes. LongTailTemperatureScaler weights the calibration rows so
+# that every class counts alike, which is what a balanced test set asks for. Each column
+# is one model: its reliability diagram above, the number of test rows per confidence
+# bin below.
+
 figure, axes = plt.subplots(
     2, 4, figsize=(18, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
 )

@@ -1,98 +1,134 @@
 """
-CIFAR-10-LT from the shared feature file
-========================================
+CIFAR-10-LT from a feature file
+===============================
 
-CIFAR-10-LT on frozen EfficientNet-Lite0 embeddings: the long-tailed protocol end to end.
+Long-tailed classification on frozen embeddings, end to end: a long-tailed training set
+drawn from a feature file, a BalancedSoftmaxClassifier fitted on it, its accuracy per
+group of classes, and its accuracy over SADE's 11 shifted test distributions: as trained,
+adapted to each test set's unlabeled features, and told each test set's class prior.
 
-Uses the real feature file of the project (``../shared/data/cifar10_effnetlite0.h5``)
-or any feature file with ``train`` and ``test`` splits:
+It reads any feature file with ``train`` and ``test`` splits (``ltlearn extract`` writes
+one, see the getting-started page); without one it uses scikit-learn's digits, made
+long-tailed, and runs in seconds:
 
-    python examples/cifar10_lt.py [--features FILE] [--imbalance-ratio 100]
+.. code-block:: console
 
-Prints uniform-test accuracy, many / medium / few and head / middle / tail
-accuracy, and accuracy over SADE's 11 shifted test distributions: as trained,
-adapted to each test set's unlabeled features, and told each test set's class
-prior. scikit-learn's digits stand in when the feature file is absent.
+    python cifar10_lt.py --features cifar10_effnetlite0.h5 --imbalance-ratio 100
+    python cifar10_lt.py --digits
+
+Needs pandas and matplotlib (``pip install pandas matplotlib``).
 """
 
 import argparse
 from pathlib import Path
 
-import numpy as np
-from _cli import HelpFormatter
+import matplotlib.pyplot as plt
+import pandas as pd
 
 from ltlearn import BalancedSoftmaxClassifier
 from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
 from ltlearn.features import read_features
 from ltlearn.metrics import evaluate_test_agnostic, group_accuracy, rank_groups, shot_accuracy
 
+# %%
+# The data
+# --------
+# By default the script looks for the project's CIFAR-10 EfficientNet-Lite0 embeddings
+# beside its checkout; pass ``--features FILE`` for your own file, or ``--digits``.
+
 # sphinx-gallery runs examples without __file__, from their folder.
-_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
+here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-parser.add_argument(
-    "--features",
-    type=Path,
-    help="feature file with train and test splits (default: the project's CIFAR-10 file, "
-    "or scikit-learn's digits when it is absent)",
+def show(table):
+    """Print a table in a terminal; the documentation and notebooks show it as HTML."""
+    if "__file__" not in globals():
+        return table
+    print(table.to_string())
+
+
+project_file = here.parent.parent / "shared" / "data" / "cifar10_effnetlite0.h5"
+
+parser = argparse.ArgumentParser(
+    description="CIFAR-10-LT from a feature file: per-group and shifted-test-set accuracy."
 )
+parser.add_argument("--features", type=Path, help="feature file with train and test splits")
 parser.add_argument(
-    "--imbalance-ratio", type=float, default=100, help="imbalance ratio of the training set"
+    "--imbalance-ratio", type=float, default=100, help="of the training set (default: 100)"
 )
-parser.add_argument(
-    "--digits", action="store_true", help="use scikit-learn's digits instead (seconds)"
-)
+parser.add_argument("--digits", action="store_true", help="use scikit-learn's digits (seconds)")
 args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
-features = None if args.digits else (args.features or DEFAULT)
+features = args.features or (None if args.digits or not project_file.exists() else project_file)
 
-if features is not None and features.exists():
+if features is not None:
     X_pool, y_pool = read_features(features, "train")
     X_test, y_test = read_features(features, "test")
     keep = long_tailed_subset(y_pool, args.imbalance_ratio, random_state=0)
     X, y = X_pool[keep], y_pool[keep]
+    print(f"{features.name}: IR {args.imbalance_ratio:g}, {len(y)} training rows")
 else:
-    if features is not None:
-        print(f"{features} not found: using scikit-learn's digits, made long-tailed (IR 10).")
     data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
     X, y, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
+    print(f"scikit-learn's digits, made long-tailed (IR 10): {len(y)} training rows")
 
+# %%
+# Accuracy per group of classes
+# -----------------------------
+# Two heads on the same features: Balanced Softmax (``tau=1``) and plain cross-entropy
+# (``tau=0``). Ten classes make the usual many (> 100) / few (< 20) groups thin, so the
+# table also gives head / middle / tail thirds by training-set size.
 
-def show(label, table):
-    cells = "".join(f"{100 * v:>8.1f}" for v in table.values())
-    print(f"  {label:<34}{cells}   mean {100 * np.mean(list(table.values())):.1f}")
-
-
-for tau in (1.0, 0.0):
-    clf = BalancedSoftmaxClassifier(tau=tau, random_state=0).fit(X, y)
+models = {tau: BalancedSoftmaxClassifier(tau=tau, random_state=0).fit(X, y) for tau in (1.0, 0.0)}
+rows = {}
+for tau, clf in models.items():
     y_pred = clf.predict(X_test)
-    print(f"\ntau={tau:g} ({'Balanced Softmax' if tau else 'plain cross-entropy'})")
-    print("  class counts:", clf.class_counts_.tolist())
-    # Ten classes: the many (>100) / few (<20) groups are thin, so also head / middle / tail.
-    shots = shot_accuracy(y_test, y_pred, clf.class_counts_)
-    ranks = group_accuracy(y_test, y_pred, rank_groups(clf.class_counts_))
-    groups = {**shots, **ranks}
-    print(
-        "  "
-        + "  ".join(
-            f"{k} {'-' if np.isnan(v) else f'{100 * v:.1f}'}"
-            for k, v in groups.items()
-            if k != "overall"
-        )
-    )
-    print(f"  uniform test accuracy {100 * shots['overall']:.1f}")
-    agnostic = evaluate_test_agnostic(clf, X_test, y_test)
-    names = [n.replace("forward_", "F").replace("backward_", "B") for n in agnostic]
-    print(f"  {'test set (F: forward, B: backward)':<34}" + "".join(f"{n:>8}" for n in names))
-    show("predicted as trained", agnostic)
-    show(
-        "adapted: prior inferred (adapt)", evaluate_test_agnostic(clf, X_test, y_test, adapt="map")
-    )
-    show("told the true test prior", evaluate_test_agnostic(clf, X_test, y_test, oracle_prior=True))
-print(
-    "\nTold the true prior, tau=0 and tau=1 give the same predictions: the shift replaces the "
-    "training prior that each logit carries (tau log p) by the test prior, whatever tau was."
-)
+    groups = {
+        **shot_accuracy(y_test, y_pred, clf.class_counts_),
+        **group_accuracy(y_test, y_pred, rank_groups(clf.class_counts_)),
+    }
+    rows[f"tau={tau:g}"] = {name: 100 * value for name, value in groups.items()}
+print("training rows per class:", models[1.0].class_counts_.tolist())
+show(pd.DataFrame(rows).T.dropna(axis=1, how="all").round(1))
+
+# %%
+# Accuracy over shifted test sets
+# -------------------------------
+# SADE's protocol draws forward-long-tailed (F, head classes frequent), uniform and
+# backward (B, tail classes frequent) test sets from the balanced one. ``adapt``
+# estimates each test set's class prior from its unlabeled features; the last rows are
+# told the true prior.
+
+rows = {}
+for tau, clf in models.items():
+    ways = {
+        "as trained": evaluate_test_agnostic(clf, X_test, y_test),
+        "adapted (prior inferred)": evaluate_test_agnostic(clf, X_test, y_test, adapt="map"),
+        "true test prior given": evaluate_test_agnostic(clf, X_test, y_test, oracle_prior=True),
+    }
+    for way, table in ways.items():
+        rows[f"tau={tau:g}, {way}"] = {
+            name.replace("forward_", "F").replace("backward_", "B"): 100 * value
+            for name, value in table.items()
+        }
+shifted = pd.DataFrame(rows).T
+shifted["mean"] = shifted.mean(axis=1)
+show(shifted.round(1))
+
+# %%
+# Balanced Softmax (``tau=1``) on the shifted test sets, as a plot:
+
+figure, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+for way in ("as trained", "adapted (prior inferred)", "true test prior given"):
+    row = shifted.loc[f"tau=1, {way}"].drop("mean")
+    ax.plot(row.index, row.to_numpy(), marker="o", label=way)
+ax.set_xlabel("test set (F: head classes frequent, B: tail classes frequent)")
+ax.set_ylabel("accuracy (%)")
+ax.grid(alpha=0.3)
+ax.legend()
+
+# %%
+# Told the true prior, ``tau=0`` and ``tau=1`` give the same predictions: the shift
+# replaces the training prior that each logit carries (``tau * log p``) by the test
+# prior, whatever ``tau`` was.

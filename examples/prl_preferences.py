@@ -2,26 +2,27 @@
 Steering PRLClassifier with preferences
 =======================================
 
-PRLClassifier: steer head-vs-tail at predict time, and draw the preference simplex.
+One PRLClassifier, fitted once, steered between head and tail classes at predict time:
+its accuracy on a forward-long-tailed, a uniform and a backward-long-tailed test set at
+the three corners of its preference simplex and at the preference it suggests for each
+test set, then its accuracy over the whole simplex.
 
-Fits one PRLClassifier on CIFAR-10-LT embeddings (the project's real feature
-file, or any file with ``train`` and ``test`` splits; scikit-learn's digits when
-none is given or found), then, without refitting:
+It reads any feature file with ``train`` and ``test`` splits (``ltlearn extract`` writes
+one); without one it uses scikit-learn's digits, made long-tailed, and runs in seconds:
 
-- prints accuracy on the forward-50, uniform and backward-50 test sets at the
-  three corners and at the preference suggested for each test set;
-- writes ``prl_simplex.png``: accuracy over the whole preference simplex.
+.. code-block:: console
 
-    python examples/prl_preferences.py [--features FILE] [--imbalance-ratio 100] [--out FILE]
+    python prl_preferences.py --features FILE --imbalance-ratio 100 --out prl_simplex.png
+    python prl_preferences.py --digits
 
-Needs the ``plot`` extra (``pip install -e ".[plot]"``).
+Needs pandas and matplotlib (``pip install pandas matplotlib``).
 """
 
 import argparse
 from pathlib import Path
 
 import numpy as np
-from _cli import HelpFormatter
+import pandas as pd
 
 from ltlearn import PRLClassifier
 from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, shifted_test_subsets
@@ -29,45 +30,59 @@ from ltlearn.features import read_features
 from ltlearn.metrics import rank_groups, shot_groups
 from ltlearn.plotting import plot_preference_simplex
 
+# %%
+# The data
+# --------
+# By default the script looks for the project's CIFAR-10 EfficientNet-Lite0 embeddings
+# beside its checkout; pass ``--features FILE`` for your own file, or ``--digits``.
+
 # sphinx-gallery runs examples without __file__, from their folder.
-_HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-DEFAULT = _HERE.parents[1] / "shared" / "data" / "cifar10_effnetlite0.h5"
+here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+project_file = here.parent.parent / "shared" / "data" / "cifar10_effnetlite0.h5"
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def show(table):
+    """Print a table in a terminal; the documentation and notebooks show it as HTML."""
+    if "__file__" not in globals():
+        return table
+    print(table.to_string())
+
+
+parser = argparse.ArgumentParser(description="Steering PRLClassifier with preferences.")
+parser.add_argument("--features", type=Path, help="feature file with train and test splits")
 parser.add_argument(
-    "--features",
-    type=Path,
-    help="feature file with train and test splits (default: the project's CIFAR-10 file, "
-    "or scikit-learn's digits when it is absent)",
+    "--imbalance-ratio", type=float, default=100, help="of the training set (default: 100)"
 )
 parser.add_argument(
-    "--imbalance-ratio", type=float, default=100, help="imbalance ratio of the training set"
+    "--out", type=Path, default=Path("prl_simplex.png"), help="figure (default: prl_simplex.png)"
 )
-parser.add_argument("--out", type=Path, default=Path("prl_simplex.png"), help="figure to write")
-parser.add_argument(
-    "--digits", action="store_true", help="use scikit-learn's digits instead (seconds)"
-)
+parser.add_argument("--digits", action="store_true", help="use scikit-learn's digits (seconds)")
 args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
-features = None if args.digits else (args.features or DEFAULT)
+features = args.features or (None if args.digits or not project_file.exists() else project_file)
 
-if features is not None and features.exists():
+if features is not None:
     X_pool, y_pool = read_features(features, "train")
     X_test, y_test = read_features(features, "test")
     keep = long_tailed_subset(y_pool, args.imbalance_ratio, random_state=0)
     X_train, y_train = X_pool[keep], y_pool[keep]
-    ratio = 50
+    ratio = 50  # of the shifted test sets
 else:
-    if features is not None:
-        print(f"{features} not found: using scikit-learn's digits, made long-tailed (IR 10).")
     data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
     X_train, y_train, X_test, y_test = data.X_train, data.y_train, data.X_test, data.y_test
     ratio = 10
 
 clf = PRLClassifier(random_state=0).fit(X_train, y_train)
-print("training samples per class:", clf.class_counts_.tolist())
+print("training rows per class:", clf.class_counts_.tolist())
+
+# %%
+# Corners and suggested preferences
+# ---------------------------------
+# ``preference="forward"`` favours the head classes, ``"backward"`` the tail,
+# ``"uniform"`` neither; ``preference_for_imbalance`` suggests a point for a test set
+# whose imbalance ratio and direction are known. No refit: the preference is a
+# ``predict`` argument.
 
 subsets = shifted_test_subsets(y_test, imbalance_ratios=[ratio], random_state=0)
 suggested = {
@@ -75,22 +90,33 @@ suggested = {
     "uniform": "uniform",
     f"backward_{ratio}": clf.preference_for_imbalance(ratio, "backward"),
 }
-print(f"\n{'preference':>22}" + "".join(f"{name:>14}" for name in subsets))
-for preference in ("forward", "uniform", "backward"):
-    row = [
-        np.mean(clf.predict(X_test[i], preference=preference) == y_test[i])
-        for i in subsets.values()
-    ]
-    print(f"{preference:>22}" + "".join(f"{100 * a:>14.1f}" for a in row))
-row = [
-    np.mean(clf.predict(X_test[i], preference=suggested[name]) == y_test[i])
-    for name, i in subsets.items()
-]
-print(f"{'suggested per test set':>22}" + "".join(f"{100 * a:>14.1f}" for a in row))
 
-# Ten classes are too few for the many (>100) / few (<20) split: use 3 / 4 / 3 by size.
+
+def accuracy(preference, rows):
+    return 100 * np.mean(clf.predict(X_test[rows], preference=preference) == y_test[rows])
+
+
+table = pd.DataFrame(
+    {
+        f"preference {p}": {name: accuracy(p, rows) for name, rows in subsets.items()}
+        for p in ("forward", "uniform", "backward")
+    }
+).T
+table.loc["suggested per test set"] = [accuracy(suggested[n], r) for n, r in subsets.items()]
+table.columns.name = "test set"
+show(table.round(1))
+
+# %%
+# The whole simplex
+# -----------------
+# Accuracy on the uniform test set over the preference simplex, overall and per group
+# of classes. Ten classes are too few for the many (> 100) / few (< 20) split: they are
+# grouped 3 / 4 / 3 by training-set size.
+
 groups = (
     rank_groups(clf.class_counts_) if len(clf.classes_) <= 20 else shot_groups(clf.class_counts_)
 )
-plot_preference_simplex(clf, X_test, y_test, groups=groups, imbalance_ratio=ratio, path=args.out)
-print(f"\nwrote {args.out}")
+figure = plot_preference_simplex(
+    clf, X_test, y_test, groups=groups, imbalance_ratio=ratio, path=args.out
+)
+print(f"wrote {args.out}")

@@ -7,11 +7,15 @@ inferring one.
 
 Runs in seconds on scikit-learn's digits made long-tailed (IR 10):
 
-    python examples/quickstart.py
+.. code-block:: console
+
+    python quickstart.py
 """
 
 import argparse
 
+import matplotlib.pyplot as plt
+import numpy as np
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -20,9 +24,13 @@ from ltlearn import BalancedSoftmaxClassifier
 from ltlearn.datasets import load_long_tailed_digits, shifted_test_subsets
 from ltlearn.metrics import SCORERS, make_shot_scorer, shot_accuracy
 
-argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-).parse_args()
+argparse.ArgumentParser(description="ltlearn's quick start, on scikit-learn's digits.").parse_args()
+
+# %%
+# A long-tailed training set, a balanced test set
+# -----------------------------------------------
+# The estimators fit and predict like any scikit-learn classifier; by default they
+# predict for a balanced test set.
 
 data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
 print("training samples per class:", data.class_counts.tolist())
@@ -34,7 +42,11 @@ groups = shot_accuracy(
 )
 print("overall / many / medium / few:", {k: round(v, 3) for k, v in groups.items()})
 
+# %%
+# In a pipeline, tuned by grid search
+# -----------------------------------
 # Balanced accuracy on long-tailed validation folds estimates accuracy on a uniform test set.
+
 pipe = make_pipeline(StandardScaler(), BalancedSoftmaxClassifier(random_state=0))
 search = GridSearchCV(
     pipe,
@@ -56,16 +68,37 @@ few_cv = search.cv_results_["mean_test_few_shot_accuracy"][search.best_index_]
 print(f"  its cross-validated few-shot accuracy: {few_cv:.3f}")
 print(f"tuned pipeline, balanced test accuracy: {search.score(data.X_test, data.y_test):.3f}")
 
+# %%
+# A known test prior
+# ------------------
 # A known test distribution shifts the predictions without refitting: here a test
 # set as skewed as the training set (SADE's "forward 10" set).
+
 skewed = shifted_test_subsets(data.y_test, imbalance_ratios=[10])["forward_10"]
 X_skewed, y_skewed = data.X_test[skewed], data.y_test[skewed]
 print(f"skewed test set, uniform prior assumed: {clf.score(X_skewed, y_skewed):.3f}")
 clf.set_params(test_prior="train")
 print(f"skewed test set, training prior given:  {clf.score(X_skewed, y_skewed):.3f}")
 
+# %%
+# An unknown test prior
+# ---------------------
 # An unknown test distribution is inferred from the unlabeled test features:
-# adapt() estimates the class prior (MAP label-shift estimation) and predicts for it.
-clf.set_params(test_prior=None).adapt(X_skewed)
+# ``adapt()`` estimates the class prior (MAP label-shift estimation) and predicts for it.
+
+clf = clf.set_params(test_prior=None).adapt(X_skewed)
 print(f"skewed test set, prior inferred by adapt: {clf.score(X_skewed, y_skewed):.3f}")
 print("  estimated class prior:", clf.test_prior_.round(2).tolist())
+
+# %%
+# The estimated prior against the true one:
+
+classes = np.arange(len(clf.classes_))
+true_prior = np.bincount(y_skewed, minlength=len(classes)) / len(y_skewed)
+figure, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+ax.bar(classes - 0.2, true_prior, 0.4, label="true class prior of the skewed test set")
+ax.bar(classes + 0.2, clf.test_prior_, 0.4, label="estimated by adapt() from its features")
+ax.set_xticks(classes)
+ax.set_xlabel("class (largest in training first)")
+ax.set_ylabel("share of the test set")
+ax.legend()
