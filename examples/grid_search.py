@@ -88,9 +88,10 @@ scoring = {
 }
 folds = StratifiedKFold(3, shuffle=True, random_state=0)
 
-pipe = Pipeline(
-    [("scale", StandardScaler()), ("clf", BalancedSoftmaxClassifier(device="cpu", random_state=0))]
-)
+# calibration_cv=None: the cross-fitted temperature serves adapt(), which the search does
+# not call; without it each fit is about four times faster.
+clf = BalancedSoftmaxClassifier(device="cpu", calibration_cv=None, random_state=0)
+pipe = Pipeline([("scale", StandardScaler()), ("clf", clf)])
 grid = {
     "clf__tau": [0.0, 0.5, 1.0],
     "clf__head": ["linear", "cosine"],
@@ -140,7 +141,7 @@ print(f"wrote {args.out}")
 # Any ltlearn estimator goes into ``GridSearchCV`` the same way.
 
 prl = GridSearchCV(
-    PRLClassifier(device="cpu", random_state=0),
+    PRLClassifier(device="cpu", calibration_cv=None, random_state=0),
     {"lam": [1.0, 2.0], "rank": [0, 8]},
     scoring=scoring,
     refit="balanced_accuracy",
