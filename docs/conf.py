@@ -35,7 +35,7 @@ exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
 templates_path = ["_templates"]
 
 autosummary_generate = True
-autodoc_default_options = {"members": True, "inherited-members": False}
+autodoc_default_options = {"members": True}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 
@@ -62,6 +62,8 @@ intersphinx_timeout = 10
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"ltlearn {release}"
+html_static_path = ["_static"]
+html_css_files = ["ltlearn.css"]
 html_theme_options = {
     "navbar_align": "left",
     "show_toc_level": 2,
