@@ -20,7 +20,6 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_sample_weight,
@@ -406,18 +405,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float32, ensure_non_negative=True
         )
-        class_weight = getattr(self, "class_weight", None)
-        if class_weight is not None:
-            if isinstance(class_weight, dict):
-                unknown = set(class_weight) - set(self.classes_.tolist())
-                if unknown:
-                    raise ValueError(
-                        f"class_weight names labels that are not in y: {sorted(unknown)!r}; "
-                        f"y holds {self.classes_.tolist()}."
-                    )
-            sample_weight = sample_weight * compute_sample_weight(class_weight, y).astype(
-                np.float32
-            )
         self.class_counts_ = np.bincount(y_index, minlength=n_classes)
         weighted_totals = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
         # Estimators whose loss needs the long-tailed prior have no such parameter.
@@ -550,11 +537,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         for train, held in splits:
             if len(np.unique(y[train])) < 2:
                 continue
-            # The folds get the weights already multiplied by any class_weight.
-            overrides = dict(calibration_cv=None, verbose=False)
-            if "class_weight" in self.get_params():
-                overrides["class_weight"] = None
-            fold = clone(self).set_params(**overrides)
+            fold = clone(self).set_params(calibration_cv=None, verbose=False)
             fold.fit(
                 X[train],
                 y[train],

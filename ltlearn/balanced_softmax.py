@@ -75,14 +75,6 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         steps per epoch.
     lr_schedule : {"onecycle", "cosine", "constant"}, default="onecycle"
         Learning-rate schedule over all steps.
-    class_weight : dict, "balanced" or None, default=None
-        Weights of the classes in the loss, as in scikit-learn: a dict
-        ``{label: weight}`` (missing classes weigh 1) or ``"balanced"``
-        (``n_samples / (n_classes * count)``), multiplied into
-        ``sample_weight``. The class prior of the logit adjustment is taken
-        from the weighted totals, so ``"balanced"`` makes it uniform and the
-        adjustment vanishes: use the adjustment (the default), class weights
-        or ``balanced_sampling``, not several.
     balanced_sampling : bool, default=False
         Draw class-balanced batches. The loss then sees a uniform prior, so the
         logit adjustment vanishes; use one or the other.
@@ -170,7 +162,6 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "cosine_scale": [Interval(Real, 0, None, closed="neither")],
         "balanced_sampling": ["boolean"],
-        "class_weight": [dict, StrOptions({"balanced"}), None],
         "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
         "tau": [Interval(Real, 0, None, closed="left")],
         "test_prior": [None, StrOptions({"uniform", "train"}), "array-like"],
@@ -191,7 +182,6 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
-        class_weight=None,
         balanced_sampling=False,
         tail_synthesis=0.0,
         device="auto",
@@ -211,7 +201,6 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
-        self.class_weight = class_weight
         self.balanced_sampling = balanced_sampling
         self.tail_synthesis = tail_synthesis
         self.device = device

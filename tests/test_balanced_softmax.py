@@ -248,24 +248,3 @@ def test_matches_tuned_logistic_regression_on_real_embeddings(cifar_features):
     clf = BalancedSoftmaxClassifier(random_state=0).fit(X_pool[keep], y_pool[keep])
     assert clf.class_counts_.tolist() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert clf.score(X_test, y_test) > 0.745
-
-
-def test_class_weight_multiplies_sample_weight_as_in_scikit_learn():
-    from ltlearn.datasets import load_long_tailed_digits
-
-    data = load_long_tailed_digits(random_state=0)
-    X, y = data.X_train, data.y_train
-    params = dict(random_state=0, device="cpu", calibration_cv=None, max_epochs=5)
-    weights = {9: 4.0, 0: 0.5}
-    by_class = BalancedSoftmaxClassifier(class_weight=weights, **params).fit(X, y)
-    by_sample = BalancedSoftmaxClassifier(**params).fit(
-        X, y, sample_weight=np.vectorize(lambda c: weights.get(c, 1.0))(y)
-    )
-    np.testing.assert_allclose(by_class.class_prior_, by_sample.class_prior_, rtol=1e-6)
-    np.testing.assert_allclose(
-        by_class.decision_function(data.X_test), by_sample.decision_function(data.X_test), atol=1e-5
-    )
-    balanced = BalancedSoftmaxClassifier(class_weight="balanced", **params).fit(X, y)
-    np.testing.assert_allclose(balanced.class_prior_, np.full(10, 0.1), rtol=1e-5)
-    with pytest.raises(ValueError, match=r"class_weight names labels that are not in y: \[11\]"):
-        BalancedSoftmaxClassifier(class_weight={11: 2.0}, **params).fit(X, y)
