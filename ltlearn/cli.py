@@ -90,22 +90,72 @@ def _demo(args):
     return 0
 
 
+def _short(name, width=40):
+    # Long names (ImageNet's synonym lists) would push the counts off the screen.
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def _imbalance(counts, classes):
+    """A split's imbalance ratio (largest over smallest class), the classes it comes from."""
+    present = np.flatnonzero(counts)
+    if present.size == 0:
+        return "no rows"
+    largest = present[np.argmax(counts[present])]
+    smallest = present[np.argmin(counts[present])]
+    if counts[largest] == counts[smallest]:
+        text = f"imbalance ratio 1.0: {counts[largest]} rows per class"
+    else:
+        text = (
+            f"imbalance ratio {counts[largest] / counts[smallest]:.1f}: from {counts[largest]} "
+            f"rows ({_short(classes[largest])!r}) to {counts[smallest]} "
+            f"({_short(classes[smallest])!r})"
+        )
+    missing = len(counts) - present.size
+    if missing:
+        # An empty class would make the ratio infinite: say that the ratio leaves it out.
+        verb = "has" if missing == 1 else "have"
+        text += f"; {missing} of {len(counts)} classes {verb} no rows (left out of the ratio)"
+    return text
+
+
+def _class_table(classes, counts, max_classes):
+    """Rows per class and split, in label order, the first ``max_classes`` classes (0: all)."""
+    shown = len(classes) if max_classes == 0 else min(max_classes, len(classes))
+    width = max(len(_short(c)) for c in ["class", *classes[:shown]])
+    splits = list(counts)
+    widths = [max(len(s), len(str(counts[s].max(initial=0)))) for s in splits]
+    header = "".join(f"  {s:>{w}}" for s, w in zip(splits, widths, strict=True))
+    lines = ["  " + "class".ljust(width) + header]
+    for label in range(shown):
+        cells = "".join(f"  {counts[s][label]:>{w}}" for s, w in zip(splits, widths, strict=True))
+        lines.append("  " + _short(classes[label]).ljust(width) + cells)
+    if shown < len(classes):
+        lines.append(
+            f"  ... {len(classes) - shown} more classes (--max-classes 0 lists every class)"
+        )
+    return lines
+
+
 def _info(args):
-    from ltlearn.features import read_metadata
+    from ltlearn.features import FeatureFile, read_metadata
 
     meta = read_metadata(args.file)
-    print(f"{args.file}")
-    print(
-        f"  classes ({len(meta['classes'])}): {', '.join(meta['classes'][:20])}"
-        + (" ..." if len(meta["classes"]) > 20 else "")
-    )
+    classes = meta["classes"]
+    with FeatureFile(args.file) as f:
+        counts = {
+            split: np.bincount(f.labels(split), minlength=len(classes)) for split in meta["splits"]
+        }
+    print(f"{args.file}: {len(classes)} classes")
     for split, info in meta["splits"].items():
         print(
             f"  {split}: {info['n_rows']} rows x {info['n_features']} features "
             f"({info['dtype']}{', with ids' if info['has_ids'] else ''})"
         )
+        print(f"    {_imbalance(counts[split], classes)}")
     for key, value in meta["attrs"].items():
         print(f"  {key}: {value}")
+    print("\nRows per class:")
+    print("\n".join(_class_table(classes, counts, args.max_classes)))
     return 0
 
 
@@ -119,6 +169,16 @@ def _source(args):
         list_file=args.list_file,
         root=args.root,
     )
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more; got {value}")
+    return value
 
 
 def _parse_shard(text):
@@ -221,11 +281,20 @@ def build_parser():
 
     info = commands.add_parser(
         "info",
-        help="describe a feature file",
-        description="Print the classes, splits, "
-        "sizes and provenance attributes of an ltlearn feature file.",
+        help="describe a feature file: splits, rows per class, imbalance ratio",
+        description="Print the splits of an ltlearn feature file (rows, width, storage type, "
+        "and the imbalance ratio: the largest class's rows over the smallest's), its provenance "
+        "attributes, and a table of rows per class and split. Reads the labels, not the "
+        "features.",
     )
-    info.add_argument("file", metavar="FILE.h5")
+    info.add_argument("file", metavar="FILE.h5", help="the feature file to describe")
+    info.add_argument(
+        "--max-classes",
+        type=_non_negative_int,
+        default=20,
+        metavar="N",
+        help="list the first N classes in label order; 0 lists every class (default: 20)",
+    )
     info.set_defaults(run=_info)
 
     extract = commands.add_parser(
@@ -237,10 +306,16 @@ def build_parser():
     )
     extract.add_argument(
         "source",
+        metavar="SOURCE",
         help="image folder (<class>/<file>), a .zip of one, a CIFAR python directory, "
         "or a list file of 'path label' lines",
     )
-    extract.add_argument("output", metavar="OUT.h5")
+    extract.add_argument(
+        "output",
+        metavar="OUT.h5",
+        help="feature file to write the split into; an existing one is resumed, or gains the "
+        "split beside those it holds",
+    )
     extract.add_argument(
         "--backbone",
         default="efficientnet-lite0",
@@ -256,9 +331,21 @@ def build_parser():
     extract.add_argument("--prefix", help="folder inside the source that holds the class folders")
     extract.add_argument("--list-file", action="store_true", help="SOURCE is a list file")
     extract.add_argument("--root", help="directory the paths of a list file are relative to")
-    extract.add_argument("--batch-size", type=int, default=64)
-    extract.add_argument("--workers", type=int, help="data-loading processes")
-    extract.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    extract.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="images per forward pass of the backbone; lower it if memory runs out (default: 64)",
+    )
+    extract.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="data-loading processes (default: none on the CPU, where they would compete with "
+        "the engine for the cores; min(8, cores - 1) on a GPU)",
+    )
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     extract.add_argument(
         "--engine",
         choices=["auto", "torch", "onnxruntime"],
@@ -274,10 +361,20 @@ def build_parser():
         help="also store these submodules' pooled outputs before the embedding, e.g. "
         "model._blocks.10 model._blocks.15 for efficientnet-lite0 (for SHIKEClassifier)",
     )
-    extract.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    extract.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="storage type of the features in OUT.h5; float16 stores half the bytes and is "
+        "read back as float32 (default: float16)",
+    )
     extract.add_argument("--overwrite", action="store_true", help="replace OUT.h5")
     extract.add_argument(
-        "--on-error", choices=["skip", "raise"], default="skip", help="corrupt images"
+        "--on-error",
+        choices=["skip", "raise"],
+        default="skip",
+        help="an image that cannot be decoded is skipped with a warning naming it (and listed "
+        "in the split's 'skipped' attribute), or stops the run (default: skip)",
     )
     extract.add_argument(
         "--shard", type=_parse_shard, metavar="I/N", help="process the I-th of N slices"
@@ -293,8 +390,13 @@ def build_parser():
         "they are or beside OUT.h5 (opening OUT.h5 without them is an error naming them). "
         "OUT.h5 may not be one of the shards.",
     )
-    merge.add_argument("output", metavar="OUT.h5")
-    merge.add_argument("shards", nargs="+", metavar="SHARD.h5")
+    merge.add_argument("output", metavar="OUT.h5", help="the merged feature file to write")
+    merge.add_argument(
+        "shards",
+        nargs="+",
+        metavar="SHARD.h5",
+        help="the shard files, in the order their rows follow each other (0/N first)",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT.h5")
     merge.set_defaults(run=_merge)
     return parser
