@@ -18,6 +18,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _examples_write_into_a_temporary_directory(request, monkeypatch):
+    """Run the tests of the examples in a temporary working directory.
+
+    An example writes its outputs under the working directory unless told where
+    (``cifar100_lt.py --data-dir DIR`` creates ``cifar100_lt/`` before it finds that
+    the data are missing): a test run must leave the checkout as it found it.
+    """
+    if request.path.name == "test_examples.py":
+        monkeypatch.chdir(request.getfixturevalue("tmp_path"))
+
+
 @pytest.fixture(scope="session")
 def cifar_features():
     """Path of the real CIFAR-10 EfficientNet-Lite0 feature file, or skip."""
