@@ -5,14 +5,17 @@ Build the site with warnings as errors (``.ci/run`` does)::
     pip install -e ".[docs]"
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 
-The example gallery runs the examples during the build: on
-``../shared/data/cifar10_effnetlite0.h5`` when it is there, else on digits; the
-CIFAR-10-LT-from-images example only when the shared JPEG zips are there (it
-extracts 22,406 images, about two minutes on 2 CPU cores). The CIFAR-100-LT
-example is shown, not run: its data cannot be downloaded on the build machines.
+The example gallery runs the examples during the build: on the CIFAR-10 feature
+file ``../shared/data/cifar10_effnetlite0.h5`` when it is there (the getting-started
+page says how to make it), else on digits; the CIFAR-10-LT-from-images example only
+when the CIFAR-10 JPEG zips are there too (it extracts 22,406 images, about two
+minutes on 2 CPU cores). The CIFAR-100-LT example is shown, not run: its data cannot
+be downloaded on the build machines. The figure of the benchmarks page is drawn
+from that page's summary table (``plot_benchmark_summary.py``).
 """
 
 import re
+import runpy
 import zlib
 from pathlib import Path
 
@@ -60,10 +63,14 @@ intersphinx_mapping = {
 }
 intersphinx_timeout = 10
 
+# Drawn from the summary table of benchmarks.md on every build, so that the figure cannot
+# fall behind the table; a table it cannot read fails the build with a message.
+runpy.run_path(str(Path(__file__).resolve().parent / "plot_benchmark_summary.py"))["plot_summary"]()
+
 html_theme = "pydata_sphinx_theme"
 html_title = f"ltlearn {release}"
 html_static_path = ["_static"]
-html_css_files = ["ltlearn.css"]
+html_css_files = ["ltlearn.css", "details.css"]
 html_theme_options = {
     "navbar_align": "left",
     "show_toc_level": 2,
