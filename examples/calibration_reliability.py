@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 Calibration under long tails: reliability diagrams
 ==================================================
@@ -19,13 +21,6 @@ Needs matplotlib (``pip install matplotlib``).
 
 import argparse
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-
-from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler
-from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, train_val_split
-from ltlearn.features import read_features
-from ltlearn.plotting import plot_reliability_diagram
 
 # %%
 # The data
@@ -52,6 +47,13 @@ args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
 features = args.features or (None if args.digits or not project_file.exists() else project_file)
+
+import matplotlib.pyplot as plt
+
+from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler
+from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, train_val_split
+from ltlearn.features import read_features
+from ltlearn.plotting import plot_reliability_diagram
 
 if features is not None:
     X_pool, y_pool = read_features(features, "train")

@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 CIFAR-100-LT, the whole pipeline
 ================================
@@ -29,18 +31,6 @@ import argparse
 import copy
 import pickle
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-import torch
-
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
-from ltlearn.datasets import long_tailed_subset
-from ltlearn.features import FeatureFile, extract
-from ltlearn.features.backbones import from_module
-from ltlearn.features.sources import CIFARSource
-from ltlearn.metrics import evaluate_test_agnostic, expected_calibration_error, shot_accuracy
 
 # %%
 # The command line
@@ -95,6 +85,18 @@ parser.add_argument(
 )
 parser.add_argument("--smoke", action="store_true", help="generated data, tiny backbone: seconds")
 args = parser.parse_args()
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
+from ltlearn.datasets import long_tailed_subset
+from ltlearn.features import FeatureFile, extract
+from ltlearn.features.backbones import from_module
+from ltlearn.features.sources import CIFARSource
+from ltlearn.metrics import evaluate_test_agnostic, expected_calibration_error, shot_accuracy
 
 args.out_dir.mkdir(parents=True, exist_ok=True)
 backbone, ratios = args.backbone, args.imbalance_ratios

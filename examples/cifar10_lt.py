@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 CIFAR-10-LT from a feature file
 ===============================
@@ -21,14 +23,6 @@ Needs pandas and matplotlib (``pip install pandas matplotlib``).
 
 import argparse
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-import pandas as pd
-
-from ltlearn import BalancedSoftmaxClassifier
-from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
-from ltlearn.features import read_features
-from ltlearn.metrics import evaluate_test_agnostic, group_accuracy, rank_groups, shot_accuracy
 
 # %%
 # The data
@@ -61,6 +55,14 @@ args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
 features = args.features or (None if args.digits or not project_file.exists() else project_file)
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ltlearn import BalancedSoftmaxClassifier
+from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+from ltlearn.features import read_features
+from ltlearn.metrics import evaluate_test_agnostic, group_accuracy, rank_groups, shot_accuracy
 
 if features is not None:
     X_pool, y_pool = read_features(features, "train")

@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 CIFAR-10-LT from the images
 ===========================
@@ -29,17 +31,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-import torch
-
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
-from ltlearn.datasets import long_tailed_subset
-from ltlearn.features import FeatureFile, extract
-from ltlearn.features.sources import ImageFolderSource
-from ltlearn.metrics import evaluate_test_agnostic, expected_calibration_error, shot_accuracy
 
 # %%
 # The command line
@@ -80,6 +71,18 @@ zips = [args.zips / f"cifar10-{split}-jpg.zip" for split in ("train", "test")]
 for path in zips:
     if not path.exists():
         parser.error(f"{path} does not exist: pass --zips DIR (the folder of both zips)")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
+from ltlearn.datasets import long_tailed_subset
+from ltlearn.features import FeatureFile, extract
+from ltlearn.features.sources import ImageFolderSource
+from ltlearn.metrics import evaluate_test_agnostic, expected_calibration_error, shot_accuracy
+
 args.out_dir.mkdir(parents=True, exist_ok=True)
 
 # %%

@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 Grid search over long-tailed pipelines
 ======================================
@@ -20,18 +22,6 @@ Needs pandas and matplotlib (``pip install pandas matplotlib``).
 
 import argparse
 from pathlib import Path
-
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-
-from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
-from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
-from ltlearn.features import read_features
-from ltlearn.metrics import SCORERS, make_shot_scorer
 
 # %%
 # The data
@@ -63,6 +53,18 @@ args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
 features = args.features or (None if args.digits or not project_file.exists() else project_file)
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ltlearn import BalancedSoftmaxClassifier, PRLClassifier
+from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+from ltlearn.features import read_features
+from ltlearn.metrics import SCORERS, make_shot_scorer
 
 if features is not None:
     X_pool, y_pool = read_features(features, "train")

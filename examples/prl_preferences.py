@@ -1,3 +1,5 @@
+# The command line is parsed before the imports that load torch: --help answers at once.
+# ruff: noqa: E402
 """
 Steering PRLClassifier with preferences
 =======================================
@@ -20,15 +22,6 @@ Needs pandas and matplotlib (``pip install pandas matplotlib``).
 
 import argparse
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from ltlearn import PRLClassifier
-from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, shifted_test_subsets
-from ltlearn.features import read_features
-from ltlearn.metrics import rank_groups, shot_groups
-from ltlearn.plotting import plot_preference_simplex
 
 # %%
 # The data
@@ -61,6 +54,15 @@ args = parser.parse_args()
 if args.features is not None and not args.features.exists():
     parser.error(f"--features {args.features} does not exist")
 features = args.features or (None if args.digits or not project_file.exists() else project_file)
+
+import numpy as np
+import pandas as pd
+
+from ltlearn import PRLClassifier
+from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset, shifted_test_subsets
+from ltlearn.features import read_features
+from ltlearn.metrics import rank_groups, shot_groups
+from ltlearn.plotting import plot_preference_simplex
 
 if features is not None:
     X_pool, y_pool = read_features(features, "train")
