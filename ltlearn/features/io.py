@@ -19,6 +19,9 @@ root attributes            strings                           provenance: ``backb
 root ``feature_groups``    JSON ``[[name, width], ...]``     optional: the columns hold several
                                                              layers' pooled outputs side by
                                                              side, in this order
+root ``row_shape``         JSON ``[C, H, W]``                optional: each row is a flattened
+                                                             activation tensor (``cut``
+                                                             names the backbone's submodule)
 =========================  ================================  ===================================
 
 Rows past ``n_rows`` were being written when a writer stopped; readers never
@@ -32,6 +35,7 @@ that refer to its shards' rows; opening it checks that every shard is there.
 import contextlib
 import datetime
 import json
+import math
 import os
 import socket
 from collections import deque
@@ -199,6 +203,10 @@ class FeatureFile:
         (``extract(..., layers=...)``): each group's name and width, in
         column order, the final embedding (``"embedding"``) last. None for
         a single embedding.
+    row_shape : tuple of int or None
+        When each row is a backbone's activations at a cut
+        (``extract(..., cut=...)``): their shape, e.g. ``(192, 7, 7)``;
+        :meth:`read` returns rows in that shape. None for embeddings.
 
     Examples
     --------
@@ -265,6 +273,7 @@ class FeatureFile:
                 "'features' and 'labels'"
             )
         self.feature_groups = self._parse_feature_groups()
+        self.row_shape = self._parse_row_shape()
         for split in self.splits:
             self._check_split(split)
         datasets = [
@@ -290,6 +299,20 @@ class FeatureFile:
             raise self._error(f"has a 'feature_groups' attribute without groups: {text!r}")
         return groups
 
+    def _parse_row_shape(self):
+        text = self.attrs.get("row_shape")
+        if text is None:
+            return None
+        try:
+            shape = tuple(int(d) for d in json.loads(text))
+        except (TypeError, ValueError) as exc:
+            raise self._error(
+                f"has an unreadable 'row_shape' attribute {text!r} ({exc}); expected JSON [C, H, W]"
+            ) from exc
+        if not shape or any(d < 1 for d in shape):
+            raise self._error(f"has a 'row_shape' attribute without dimensions: {text!r}")
+        return shape
+
     def _check_split(self, split):
         group = self._file[split]
         for name in ("features", "labels", "ids", "views"):
@@ -305,6 +328,11 @@ class FeatureFile:
         for name in ("ids", "views"):
             if name in group:
                 lengths[name] = group[name].shape[0]
+        if self.row_shape is not None and features.shape[1] != math.prod(self.row_shape):
+            raise self._error(
+                f"is corrupt: its rows have shape {list(self.row_shape)}, "
+                f"{math.prod(self.row_shape)} values, but split '{split}' has {features.shape[1]}"
+            )
         if self.feature_groups is not None:
             width = sum(w for _, w in self.feature_groups)
             if features.shape[1] != width:
@@ -397,13 +425,18 @@ class FeatureFile:
 
         Returns
         -------
-        X : ndarray of shape (n_rows, n_features)
+        X : ndarray of shape (n_rows, n_features), or (n_rows, *row_shape)
+            Activations at a cut (a file made by ``extract(..., cut=...)``,
+            which records :attr:`row_shape`) come back in their shape,
+            e.g. ``(n_rows, C, H, W)``.
         y : ndarray of shape (n_rows,) of int64
         """
         rows = self._rows(split, start, stop)
         X = self._read(split, "features", rows, dtype)
         if groups is not None:
             X = X[:, self.group_columns(groups)]
+        elif self.row_shape is not None:
+            X = X.reshape(len(X), *self.row_shape)
         return X, self.labels(split, start=start, stop=stop)
 
     def labels(self, split="train", *, start=None, stop=None):
@@ -883,6 +916,23 @@ class FeatureWriter:
                 f"{stored}, this writer has {value}. Write to a new file instead."
             )
         self._file.attrs["feature_groups"] = value
+        self._file.flush()
+
+    def set_row_shape(self, split, shape):
+        """Record that each row is a flattened tensor of ``shape`` (activations at a cut).
+
+        A file that records another shape, or whose ``split`` holds rows of
+        another width, is refused.
+        """
+        shape = [int(d) for d in shape]
+        value = json.dumps(shape)
+        stored = _decode(self._file.attrs.get("row_shape", value))
+        if stored != value:
+            raise FeatureFileError(
+                f"Refusing to write to {str(self.path)!r}: its rows have shape {stored}, this "
+                f"writer's have shape {value}. Write to a new file instead."
+            )
+        self._file.attrs["row_shape"] = value
         self._file.flush()
 
     def n_rows(self, split):
