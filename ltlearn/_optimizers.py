@@ -27,7 +27,8 @@ class ForeachOptimizer:
     ----------
     kind : {"adam", "adamw", "sgd"}
     groups : list of dict
-        Each with ``params`` (tensors with ``.grad``) and ``weight_decay``.
+        Each with ``params`` (tensors with ``.grad``) and ``weight_decay``,
+        and optionally ``lr_scale``, the group's factor on ``lr`` (default 1).
     betas : (float, float), default=(0.9, 0.999)
         Adam's moment decay rates.
     eps : float, default=1e-8
@@ -51,7 +52,12 @@ class ForeachOptimizer:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}; got {kind!r}.")
         self.kind, self.betas, self.eps, self.momentum = kind, betas, eps, momentum
         self.groups = [
-            {"params": list(g["params"]), "weight_decay": float(g["weight_decay"])} for g in groups
+            {
+                "params": list(g["params"]),
+                "weight_decay": float(g["weight_decay"]),
+                "lr_scale": float(g.get("lr_scale", 1.0)),
+            }
+            for g in groups
         ]
         for group in self.groups:
             params = group["params"]
@@ -83,9 +89,9 @@ class ForeachOptimizer:
             params = [group["params"][i] for i in used]
             grads = [p.grad for p in params]
             if self.kind == "sgd":
-                self._sgd(group, used, params, grads, lr)
+                self._sgd(group, used, params, grads, lr * group["lr_scale"])
             else:
-                self._adam(group, used, params, grads, lr)
+                self._adam(group, used, params, grads, lr * group["lr_scale"])
 
     def _adam(self, group, used, params, grads, lr):
         beta1, beta2 = self.betas

@@ -1,5 +1,6 @@
 """The one training loop behind every torch-backed estimator of ltlearn."""
 
+import copy
 import math
 
 import numpy as np
@@ -49,11 +50,16 @@ def torch_generator(random_state):
     return torch.Generator().manual_seed(int(random_state.randint(np.iinfo(np.int32).max)))
 
 
-def _make_optimizer(name, module, weight_decay):
+def _make_optimizer(name, module, weight_decay, parameter_groups=None):
     # Weight decay on matrices only: decaying biases or a cosine scale only hurts.
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}]
+    groups = []
+    for params, lr_scale in parameter_groups or [(list(module.parameters()), 1.0)]:
+        decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+        rest = [p for p in params if p.requires_grad and p.ndim < 2]
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+            {"params": rest, "weight_decay": 0, "lr_scale": lr_scale},
+        ]
     return ForeachOptimizer(name, [g for g in groups if g["params"]])
 
 
@@ -104,7 +110,9 @@ class StreamedInputs:
             yield torch.from_numpy(rows), Z
 
 
-def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device, views):
+def _epoch_batches(
+    X, y, sample_weight, batch_size, draw_weights, generator, device, views, augment=None
+):
     """Mini-batches ``(X, y, w)`` of one epoch: shuffled, or class-balanced when drawn."""
     if isinstance(X, torch.Tensor):
         n_samples = X.shape[0]
@@ -125,6 +133,8 @@ def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, dev
                 picked = X.reshape(-1, X.shape[-1]).index_select(0, idx * X.shape[1] + view)
             else:
                 picked = X.index_select(0, idx)
+            if augment is not None:
+                picked = augment(picked, generator)
             yield picked, y.index_select(0, idx), w
         return
     # Streamed: shuffled (or drawn) within each block, and rows left over at the end
@@ -172,6 +182,10 @@ def fit_module(
     desc="fit",
     stop_when=None,
     views=False,
+    augment=None,
+    validation=None,
+    parameter_groups=None,
+    record=None,
 ):
     """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
 
@@ -221,6 +235,20 @@ def fit_module(
         ``X`` has shape (n_samples, n_views, n_features), augmented views of
         each row: each step sees one view of each sampled row, drawn
         uniformly.
+    augment : callable, optional
+        ``augment(X_batch, generator)``: a random transformation of each
+        in-memory training batch (e.g. flips of cached activation maps).
+    validation : callable, optional
+        ``validation(module) -> float``, a loss on held-out rows (lower is
+        better), called before the first epoch and after each one: the
+        module ends with the parameters of its best call (early stopping
+        with the best epoch restored; epoch 0 is the module as it came).
+    parameter_groups : list of (list of parameters, float), optional
+        The trainable parameters in groups, each with its learning-rate
+        factor; None trains all of ``module``'s at ``lr``.
+    record : dict, optional
+        Receives ``validation_scores`` (one per call of ``validation``) and
+        ``best_epoch``.
 
     Returns
     -------
@@ -239,7 +267,7 @@ def fit_module(
         sample_weight = sample_weight.to(device)
     batch_size = min(batch_size, n_samples)
     steps_per_epoch = math.ceil(n_samples / batch_size)
-    opt = _make_optimizer(optimizer, module, weight_decay)
+    opt = _make_optimizer(optimizer, module, weight_decay, parameter_groups)
     schedule = _make_schedule(lr_schedule, steps_per_epoch * max_epochs)
     draw_weights = None
     if balanced_sampling:
@@ -247,12 +275,17 @@ def fit_module(
         draw_weights = (1.0 / class_sizes[y]).cpu()
 
     history = []
+    scores, best_epoch, best_state = [], 0, None
+    if validation is not None:
+        scores.append(validation(module))
+        module.train()
+        best_state = copy.deepcopy(module.state_dict())
     epochs = tqdm(range(max_epochs), desc=desc, disable=not verbose, leave=False, unit="epoch")
     for _ in epochs:
         # Summed on the device: one host sync per epoch, not one per step.
         total = torch.zeros((), device=device)
         batches = _epoch_batches(
-            X, y, sample_weight, batch_size, draw_weights, generator, device, views
+            X, y, sample_weight, batch_size, draw_weights, generator, device, views, augment
         )
         for X_batch, y_batch, w in batches:
             loss = criterion(module(X_batch), y_batch, w)
@@ -268,8 +301,17 @@ def fit_module(
             )
         history.append(epoch_loss)
         epochs.set_postfix(loss=f"{epoch_loss:.4f}")
+        if validation is not None:
+            scores.append(validation(module))
+            module.train()
+            if scores[-1] < scores[best_epoch]:
+                best_epoch, best_state = len(history), copy.deepcopy(module.state_dict())
         if stop_when is not None and stop_when(module):
             break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    if record is not None:
+        record.update(validation_scores=scores, best_epoch=best_epoch)
     module.cpu().eval()
     criterion.cpu()
     return history
