@@ -39,10 +39,13 @@ from ltlearn._training import (
 from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
+from ltlearn.top_stage import TopStage, TopStageModule
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
 _PREDICT_CHUNK = 65536
+# A trainable top holds activations of hundreds of KB per row at predict time.
+_TOP_PREDICT_CHUNK = 256
 
 
 def _float_tensor(X):
@@ -168,9 +171,13 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         return None
 
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):
-        """The module to train; ``n_steps`` is the number of optimizer steps ahead."""
+        """The module to train; ``n_steps`` is the number of optimizer steps ahead.
+
+        With a :class:`~ltlearn.top_stage.TopStage` it is the linear layer on
+        the top's embeddings.
+        """
         return make_head(
-            self.head,
+            "linear" if self._uses_top() else self.head,
             n_features,
             n_classes,
             hidden_size=self.hidden_size,
@@ -344,6 +351,166 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"views passed to {where} contain NaN or infinite values.")
         return views
 
+    #: How many tops a :class:`~ltlearn.top_stage.TopStage` head builds: one per expert.
+    _n_tops = 1
+
+    def _uses_top(self):
+        return isinstance(getattr(self, "head", None), TopStage)
+
+    def _validate(self, X, y=None, *, reset=False):
+        """``validate_data`` for this estimator's input: activation maps for a trainable top."""
+        top = self._uses_top()
+        shape = getattr(X, "shape", None)
+        if top and not reset and shape is not None and tuple(shape[1:]) != self.row_shape_:
+            raise ValueError(
+                f"X has rows of shape {tuple(shape[1:])}, but {type(self).__name__} was fitted "
+                f"on activations of shape {self.row_shape_} (head=TopStage(...))."
+            )
+        checked = validate_data(
+            self,
+            X,
+            "no_validation" if y is None else y,
+            reset=reset,
+            dtype=[np.float32, np.float64],
+            allow_nd=top,
+        )
+        X = checked if y is None else checked[0]
+        if top:
+            if reset and X.ndim < 3:
+                raise ValueError(
+                    f"head=TopStage(...) trains on activations cached at a cut, of shape "
+                    f"(n_samples, C, H, W) or (n_samples, tokens, D), as FeatureFile.read returns "
+                    f"those of extract(..., cut=...); got X of shape {X.shape}."
+                )
+            if reset:
+                self.row_shape_ = X.shape[1:]
+            elif X.shape[1:] != self.row_shape_:
+                raise ValueError(
+                    f"X has rows of shape {X.shape[1:]}, but {type(self).__name__} was fitted "
+                    f"on activations of shape {self.row_shape_} (head=TopStage(...))."
+                )
+        elif reset:
+            self.__dict__.pop("row_shape_", None)
+        return checked
+
+    def _fit_top_stage(self, X, y_t, w_t, prior, generator, device):
+        """Fit a :class:`~ltlearn.top_stage.TopStage` head: the linear probe, then fine-tuning.
+
+        Returns the trained module, the criterion and the held-out rows.
+        """
+        from ltlearn.datasets import train_val_split
+
+        stage = self.head
+        shared, tops, n_features = stage.build(X.shape[1:], self._n_tops)
+        X_t = _float_tensor(X)
+        train, held = np.arange(len(X)), np.empty(0, dtype=np.intp)
+        if stage.validation_fraction > 0:
+            seed = int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
+            with warnings.catch_warnings():
+                # A class of one row stays in training; its validation loss is not needed.
+                warnings.filterwarnings("ignore", message=".*single sample")
+                train, held = train_val_split(
+                    y_t.numpy(), val_size=stage.validation_fraction, random_state=seed
+                )
+        with torch.no_grad():
+            E = torch.cat(
+                [
+                    tops[0](shared(X_t[i : i + _TOP_PREDICT_CHUNK]))
+                    for i in range(0, len(X_t), _TOP_PREDICT_CHUNK)
+                ]
+            )
+            normalizer = self._make_normalizer(E[train])
+            Z = normalizer(E)
+        rows = torch.as_tensor(train)
+        lr, batch_size, max_epochs = _resolve_schedule(
+            self.lr, self.batch_size, self.max_epochs, len(train), n_features
+        )
+        n_steps = max_epochs * math.ceil(len(train) / min(batch_size, len(train)))
+        criterion = self._make_criterion(prior, n_steps + stage.n_steps(len(train)))
+        head = self._make_module(n_features, len(self.classes_), prior, generator, n_steps)
+        common = dict(
+            balanced_sampling=getattr(self, "balanced_sampling", False),
+            device=device,
+            generator=generator,
+            verbose=self.verbose,
+            desc=type(self).__name__,
+        )
+        # Linear probe: the head on the frozen top's embeddings, as on an embedding file.
+        history = fit_module(
+            head,
+            criterion,
+            Z[rows],
+            y_t[rows],
+            sample_weight=w_t[rows],
+            optimizer=self.optimizer,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr_schedule=self.lr_schedule,
+            **common,
+        )
+        module = TopStageModule(shared, tops, normalizer, head)
+        validation = None
+        if len(held):
+            X_held, y_held = X_t[torch.as_tensor(held)], y_t[torch.as_tensor(held)]
+            # Each class weighs the same: the loss a balanced test set would show.
+            counts = torch.bincount(y_held, minlength=len(self.classes_)).float()
+            w_held = 1.0 / counts.clamp_min(1)[y_held]
+
+            def validation(module):
+                module.eval()
+                with torch.no_grad():
+                    out = torch.cat(
+                        [
+                            module(X_held[i : i + _TOP_PREDICT_CHUNK].to(device))
+                            for i in range(0, len(X_held), _TOP_PREDICT_CHUNK)
+                        ],
+                        dim=-2,
+                    )
+                    return float(criterion(out, y_held.to(device), w_held.to(device)))
+
+        record = {}
+        if stage.epochs:
+            history += fit_module(
+                module,
+                criterion,
+                X_t[rows],
+                y_t[rows],
+                sample_weight=w_t[rows],
+                optimizer="adamw",
+                lr=stage.lr,
+                weight_decay=stage.weight_decay,
+                max_epochs=stage.epochs,
+                batch_size=stage.batch_size,
+                lr_schedule="onecycle",
+                augment=stage.augment,
+                validation=validation,
+                parameter_groups=module.parameter_groups(stage.head_lr_scale),
+                record=record,
+                **common,
+            )
+        self.validation_scores_ = record.get("validation_scores")
+        self.best_epoch_ = record.get("best_epoch", stage.epochs)
+        self.history_ = history
+        return module, criterion, held
+
+    def _held_out_temperature(self, X, y_index):
+        """Temperature of the balanced logits fitted on held-out rows (a top's validation part)."""
+        from ltlearn.calibration import _fit_temperature
+
+        if len(np.unique(y_index)) < 2:
+            return 1.0
+        temperature, _ = _fit_temperature(
+            self._balanced_logits(X),
+            y_index,
+            np.ones(len(y_index)),
+            bounds=(0.01, 100.0),
+            fit_bias=False,
+            offset=np.broadcast_to(np.log(self.class_prior_), (len(y_index), len(self.classes_))),
+        )
+        return temperature
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None, *, views=None):
         """Fit the head on features ``X`` and labels ``y``.
@@ -377,7 +544,12 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.reset_adaptation()
         split = _as_feature_split(X)
         if split is None:
-            X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+            X, y = self._validate(X, y, reset=True)
+        elif self._uses_top():
+            raise ValueError(
+                "head=TopStage(...) needs the activations in memory; read them first, e.g. "
+                "X, y = FeatureFile(path).read(split)."
+            )
         else:
             X, y = split, self._streamed_labels(split, y)
         if views is not None:
@@ -391,7 +563,14 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                     f"{type(self).__name__} does not train on views: its later training stages "
                     "revisit chosen rows of the plain features."
                 )
+            if self._uses_top():
+                raise ValueError(
+                    "head=TopStage(...) does not train on views yet; it flips the cached maps "
+                    "instead (TopStage(flip=True))."
+                )
             views = self._check_views(views, len(X), "fit")
+        if self._uses_top() and getattr(self, "tail_synthesis", 0):
+            raise ValueError("tail_synthesis is not available with head=TopStage(...).")
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -419,6 +598,18 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         generator = torch_generator(check_random_state(self.random_state))
         y_t = torch.as_tensor(y_index, dtype=torch.int64)
         w_t = torch.from_numpy(sample_weight)
+        if self._uses_top():
+            prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
+            module, criterion, held = self._fit_top_stage(X, y_t, w_t, prior, generator, device)
+            self.module_ = NormalizedHead(torch.nn.Identity(), module).eval()
+            self.criterion_ = criterion
+            self.device_ = str(device)
+            self.calibration_temperature_ = 1.0
+            if len(held) and getattr(self, "calibration_cv", None) is not None:
+                self.calibration_temperature_ = self._held_out_temperature(X[held], y_index[held])
+            return self
+        self.__dict__.pop("validation_scores_", None)
+        self.__dict__.pop("best_epoch_", None)
         if split is None:
             X_t = _float_tensor(X)
             normalizer = self._make_normalizer(X_t)
@@ -594,11 +785,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         ``args`` go to the module after the features; rows are on axis -2.
         """
         X_t = _float_tensor(X)
+        chunk = _TOP_PREDICT_CHUNK if self._uses_top() else _PREDICT_CHUNK
         with torch.inference_mode():
-            parts = [
-                self.module_(X_t[i : i + _PREDICT_CHUNK], *args)
-                for i in range(0, len(X_t), _PREDICT_CHUNK)
-            ]
+            parts = [self.module_(X_t[i : i + chunk], *args) for i in range(0, len(X_t), chunk)]
         logits = torch.cat(parts, dim=-2).numpy()
         if not np.all(np.isfinite(logits)):
             # Only unnormalised features of extreme magnitude get here (normalize=None).
@@ -612,7 +801,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _scores(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         scores = self._logits(X)
         shift = self._logit_shift()
         return scores if shift is None else scores + shift.astype(np.float32)
@@ -629,7 +818,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         if adapted is not None and all(a is None for a in args):
             # Adapted: the calibrated balanced logits plus the adapted offset.
             check_is_fitted(self)
-            X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+            X = self._validate(X)
             views = None if views is None else self._check_views(views, len(X), "prediction")
             score = self._balanced_logits
             scale, offset = adapted

@@ -46,7 +46,7 @@ from scipy.stats import chi2, norm
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import Bunch
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 __all__ = [
     "LABEL_SHIFT_METHODS",
@@ -433,7 +433,7 @@ class _SourceLogits(ClassifierMixin, BaseEstimator):
         Z = self._features(X)
         if hasattr(final, "_source_logits"):
             check_is_fitted(final)
-            Z = validate_data(final, Z, reset=False, dtype=[np.float32, np.float64])
+            Z = final._validate(Z)
             source = final._source_logits(Z).astype(np.float64)
             current = final.predict_log_proba(Z)
         else:
@@ -446,7 +446,7 @@ class _SourceLogits(ClassifierMixin, BaseEstimator):
         Z = self._features(X)
         if hasattr(final, "_source_logits"):
             check_is_fitted(final)
-            Z = validate_data(final, Z, reset=False, dtype=[np.float32, np.float64])
+            Z = final._validate(Z)
             log_prior = np.log(np.asarray(final.class_prior_, dtype=np.float64))
             balanced = final._source_logits(Z).astype(np.float64) - log_prior
             return balanced / getattr(final, "calibration_temperature_", 1.0) + log_prior

@@ -9,6 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ltlearn._base import TorchHeadClassifier
 from ltlearn.heads import HEADS
 from ltlearn.losses import LogitAdjustedLoss
+from ltlearn.top_stage import TopStage
 
 __all__ = ["BalancedSoftmaxClassifier"]
 
@@ -47,8 +48,10 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         distribution. An array is normalised to sum to one; zero entries rule
         a class out. Read at predict time: ``set_params`` on a fitted model
         takes effect without refitting.
-    head : {"linear", "cosine", "mlp"}, default="linear"
-        Classification head; see :func:`ltlearn.heads.make_head`.
+    head : {"linear", "cosine", "mlp"} or TopStage, default="linear"
+        Classification head; see :func:`ltlearn.heads.make_head`. A
+        :class:`~ltlearn.top_stage.TopStage` trains the backbone's top stage
+        with a linear layer, on activations cached at a cut.
     hidden_size : int, default=512
         Hidden width of the ``"mlp"`` head.
     cosine_scale : float, default=16.0
@@ -158,7 +161,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
 
     _parameter_constraints: dict = {
         **TorchHeadClassifier._parameter_constraints,
-        "head": [StrOptions(set(HEADS))],
+        "head": [StrOptions(set(HEADS)), TopStage],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "cosine_scale": [Interval(Real, 0, None, closed="neither")],
         "balanced_sampling": ["boolean"],

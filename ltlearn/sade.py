@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from scipy.special import softmax
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,6 +46,7 @@ from ltlearn._base import TorchHeadClassifier
 from ltlearn._training import fit_module, torch_generator
 from ltlearn.adaptation import LABEL_SHIFT_METHODS
 from ltlearn.losses import DiverseExpertLoss, inverse_prior
+from ltlearn.top_stage import TopStage
 
 __all__ = ["ExpertHeads", "SADEClassifier"]
 
@@ -79,7 +80,16 @@ class ExpertHeads(nn.Module):
             self.linear.bias.copy_(bias_init.reshape(-1))
 
     def forward(self, z):
-        """Logits of shape (n_experts, n_samples, n_classes)."""
+        """Logits of shape (n_experts, n_samples, n_classes).
+
+        ``z`` is (n_samples, n_features), shared by the experts, or
+        (n_samples, n_experts, n_features), each expert's own features (its
+        own top stage).
+        """
+        if z.ndim == 3:
+            weight = self.linear.weight.view(self.n_experts, self.n_classes, -1)
+            bias = self.linear.bias.view(self.n_experts, 1, self.n_classes)
+            return torch.einsum("ned,ecd->enc", z, weight) + bias
         return self.linear(z).view(len(z), self.n_experts, self.n_classes).transpose(0, 1)
 
 
@@ -147,7 +157,13 @@ class SADEClassifier(TorchHeadClassifier):
     view_noise : float, default=0.5
         For ``adapt(X, method="aggregation")`` without views: the two views of
         a row are the row plus independent Gaussian noise of this standard
-        deviation relative to the row's root-mean-square.
+        deviation relative to the row's root-mean-square (for activation
+        maps, the second view is also mirrored).
+    head : "linear" or TopStage, default="linear"
+        The experts' heads: linear heads over shared features, or, with a
+        :class:`~ltlearn.top_stage.TopStage` and activations cached at a
+        cut, each expert its own copy of the backbone's top stage (or its
+        last part: ``TopStage(experts="head")``) with a linear layer.
     normalize : {"l2", "standard"} or None, default="l2"
         Feature normalisation fitted inside the estimator.
     optimizer : {"adam", "adamw", "sgd"}, default="adam"
@@ -222,7 +238,10 @@ class SADEClassifier(TorchHeadClassifier):
         "aggregation_batch_size": [Interval(Integral, 1, None, closed="left")],
         "min_weight": [Interval(Real, 0, 1, closed="left")],
         "view_noise": [Interval(Real, 0, None, closed="neither")],
+        "head": [StrOptions({"linear"}), TopStage],
     }
+
+    _n_tops = 3
 
     _adapted_attributes = (
         *TorchHeadClassifier._adapted_attributes,
@@ -239,6 +258,7 @@ class SADEClassifier(TorchHeadClassifier):
         aggregation_batch_size=128,
         min_weight=0.05,
         view_noise=0.5,
+        head="linear",
         normalize="l2",
         optimizer="adam",
         lr="auto",
@@ -257,6 +277,7 @@ class SADEClassifier(TorchHeadClassifier):
         self.aggregation_batch_size = aggregation_batch_size
         self.min_weight = min_weight
         self.view_noise = view_noise
+        self.head = head
         self.normalize = normalize
         self.optimizer = optimizer
         self.lr = lr
@@ -290,7 +311,7 @@ class SADEClassifier(TorchHeadClassifier):
 
     def _scores(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         weights = getattr(self, "aggregation_weights_", np.full(3, 1.0 / 3.0))
         return np.einsum("e,enc->nc", weights.astype(np.float32), self._logits(X))
 
@@ -307,15 +328,19 @@ class SADEClassifier(TorchHeadClassifier):
             The forward, uniform and backward experts' logits, in that order.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         return self._logits(X)
 
     def _view_logits(self, X, views, rng):
         """Experts' logits of every view of each row: (n, n_views, 3, n_classes)."""
         if views is None:
-            rms = np.sqrt(np.mean(np.square(X, dtype=np.float64), axis=1, keepdims=True))
-            noise = rng.standard_normal((len(X), 2, X.shape[1])) * (self.view_noise * rms[:, None])
-            pool = (X[:, None, :] + noise).astype(np.float32)
+            axes = tuple(range(1, X.ndim))
+            rms = np.sqrt(np.mean(np.square(X, dtype=np.float64), axis=axes, keepdims=True))
+            scale = self.view_noise * rms[:, None]
+            noise = rng.standard_normal((len(X), 2, *X.shape[1:])) * scale
+            pool = (X[:, None] + noise).astype(np.float32)
+            if X.ndim == 4:  # activation maps: the second view is mirrored too
+                pool[:, 1] = pool[:, 1, ..., ::-1]
         else:
             views = np.asarray(views, dtype=np.float32)
             if (
@@ -333,7 +358,7 @@ class SADEClassifier(TorchHeadClassifier):
             # SADE compares two augmented views; with one, it is paired with the plain row.
             pool = views if views.shape[1] >= 2 else np.concatenate([X[:, None], views], axis=1)
         n, n_views = pool.shape[:2]
-        logits = self._logits(pool.reshape(n * n_views, -1))  # (3, n * n_views, C)
+        logits = self._logits(pool.reshape(n * n_views, *pool.shape[2:]))  # (3, n * n_views, C)
         return torch.from_numpy(logits).view(3, n, n_views, -1).permute(1, 2, 0, 3).contiguous()
 
     def adapt(self, X, *, views=None, method="auto", validation=None, **options):
@@ -395,7 +420,7 @@ class SADEClassifier(TorchHeadClassifier):
                 f"options ({sorted(options)}) belong to the label-shift methods."
             )
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         rng = check_random_state(self.random_state)
         pool = self._view_logits(np.asarray(X, dtype=np.float32), views, rng)
         generator = torch_generator(rng)

@@ -1,0 +1,271 @@
+"""A trainable top stage: the backbone's last part, trained on activations cached at a cut.
+
+On a frozen embedding a linear head trained with any logit-adjusted loss
+differs from the plain one only by its bias, so experts trained with
+different long-tail losses collapse to offsets. Caching the backbone's
+activations one stage earlier (``extract(..., cut=...)``) and training a copy
+of the stage that follows, with the classifier, gives the model (and each
+expert) features of its own, as the papers' experts own their later stages
+(SADE: Zhang et al., NeurIPS 2022, Sec. 4; RIDE: Wang et al., ICLR 2021).
+
+The fit follows linear probing then fine-tuning (LP-FT; Kumar et al.,
+"Fine-Tuning can Distort Pretrained Features and Underperform
+Out-of-Distribution", ICLR 2022): the estimator's head is first fitted on the
+frozen top's embeddings exactly as on an embedding file, then the top and the
+head are trained together for a few epochs, on horizontally flipped maps half
+of the time, keeping the epoch (the linear probe included) whose balanced
+loss on held-out training rows is lowest.
+"""
+
+import copy
+import math
+from numbers import Integral, Real
+
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, StrOptions
+from torch import nn
+
+__all__ = ["TopStage", "TopStageModule"]
+
+
+def _own_part(top):
+    """``(shared, own)``: the top split before its last part with parameters.
+
+    EfficientNet-Lite's top gives each expert its head convolution and batch
+    norm; a sequential top its last child that has parameters.
+    """
+    from ltlearn.features.backbones import _EfficientNetLiteTop
+
+    if isinstance(top, _EfficientNetLiteTop):
+        return top.blocks, nn.Sequential(top.head, _GlobalPool())
+    if isinstance(top, nn.Sequential):
+        children = list(top)
+        last = max(i for i, child in enumerate(children) if any(True for _ in child.parameters()))
+        return nn.Sequential(*children[:last]), nn.Sequential(*children[last:])
+    raise ValueError(
+        f"experts='head' needs a top whose last part can be told apart: EfficientNet-Lite0's "
+        f"or an nn.Sequential; got {type(top).__name__}. Use experts='all'."
+    )
+
+
+class _GlobalPool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) if x.ndim == 4 else x.mean(dim=1)
+
+
+class TopStageModule(nn.Module):
+    """Cached activations -> shared top -> each expert's own top -> normaliser -> head.
+
+    The pretrained layers run as they did at extraction: in eval mode
+    whatever the module's mode, so their batch-norm statistics stay frozen
+    and no stochastic depth is drawn; only their weights learn.
+
+    Parameters
+    ----------
+    shared : torch.nn.Module
+        The part of the top all experts share (the identity when each owns all).
+    tops : list of torch.nn.Module
+        One per expert (one for a single model), each ending in a pooled
+        embedding of ``n_features``.
+    normalizer, head : torch.nn.Module
+        As in :class:`ltlearn.heads.NormalizedHead`; with several tops the
+        head receives ``(n, n_tops, n_features)``.
+    """
+
+    def __init__(self, shared, tops, normalizer, head):
+        super().__init__()
+        self.shared = shared
+        self.tops = nn.ModuleList(tops)
+        self.normalizer = normalizer
+        self.head = head
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.shared.eval()
+        self.tops.eval()
+        return self
+
+    def embed(self, x):
+        """The normalised embedding(s): (n, d), or (n, n_tops, d) with several tops."""
+        x = self.shared(x)
+        if len(self.tops) == 1:
+            return self.normalizer(self.tops[0](x))
+        return torch.stack([self.normalizer(top(x)) for top in self.tops], dim=1)
+
+    def forward(self, x, *args):
+        return self.head(self.embed(x), *args)
+
+    def parameter_groups(self, head_lr_scale):
+        """Parameters with their learning-rate factor: the head's trains faster."""
+        head = list(self.head.parameters())
+        seen = {id(p) for p in head}
+        top = [p for p in self.parameters() if id(p) not in seen]
+        return [(top, 1.0), (head, head_lr_scale)]
+
+
+class TopStage(BaseEstimator):
+    """The backbone's top, trained with the classifier on activations cached at a cut.
+
+    Pass it as the ``head`` of :class:`~ltlearn.BalancedSoftmaxClassifier`
+    or :class:`~ltlearn.SADEClassifier`, and fit on the activations of
+    ``extract(..., cut=cut)`` (``FeatureFile.read`` returns them as
+    ``(n, C, H, W)``). The estimator's own settings (``lr``, ``max_epochs``,
+    ``normalize`` ...) fit its head on the frozen top's embeddings first; the
+    settings here then fine-tune top and head together.
+
+    Parameters
+    ----------
+    backbone : str or Backbone, default="efficientnet-lite0"
+        The backbone the activations came from, by name as ``extract`` takes
+        it or as an object (:mod:`ltlearn.features.backbones`); its weights
+        initialise the top.
+    cut : str, default="model._blocks.14"
+        The submodule the activations were cut at (the file's ``cut``
+        attribute). EfficientNet-Lite0's default leaves its last block and
+        its head convolution to train (1.0 M parameters).
+    top : torch.nn.Module, default=None
+        The top itself, for a backbone ltlearn cannot split: maps a batch of
+        activations to pooled embeddings. Overrides ``backbone`` and ``cut``.
+    experts : {"all", "head"}, default="all"
+        For multi-expert estimators: each expert owns a whole copy of the
+        top (``"all"``), or the experts share it but its last part (for
+        EfficientNet-Lite0, the head convolution and its batch norm;
+        ``"head"``), which trains faster and holds less.
+    epochs : int, default=4
+        Fine-tuning epochs after the linear probe; 0 keeps the probe.
+    lr : float, default=5e-4
+        Peak learning rate of the top (AdamW, one-cycle schedule).
+    head_lr_scale : float, default=10.0
+        The head's learning rate as a multiple of ``lr``.
+    weight_decay : float, default=0.05
+        Decoupled weight decay of the fine-tuning.
+    batch_size : int, default=128
+    flip : bool, default=True
+        Flip each training map horizontally with probability 1/2 (the
+        activations of a mirrored image, approximately).
+    validation_fraction : float, default=0.1
+        Share of each class's training rows held out to choose the epoch
+        (the linear probe counts as epoch 0) by balanced validation loss,
+        and to fit the calibration temperature; 0 trains on every row and
+        keeps the last epoch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ltlearn import BalancedSoftmaxClassifier
+    >>> top = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.AdaptiveAvgPool2d(1),
+    ...                           torch.nn.Flatten())
+    >>> X = torch.randn(60, 4, 3, 3).numpy()
+    >>> y = (X[:, 0].mean(axis=(1, 2)) > 0).astype(int)
+    >>> clf = BalancedSoftmaxClassifier(head=TopStage(top=top, epochs=1), random_state=0)
+    >>> clf.fit(X, y).predict(X[:3]).shape
+    (3,)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, object],
+        "cut": [str],
+        "top": [nn.Module, None],
+        "experts": [StrOptions({"all", "head"})],
+        "epochs": [Interval(Integral, 0, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "head_lr_scale": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "flip": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+    }
+
+    def __init__(
+        self,
+        backbone="efficientnet-lite0",
+        cut="model._blocks.14",
+        *,
+        top=None,
+        experts="all",
+        epochs=4,
+        lr=5e-4,
+        head_lr_scale=10.0,
+        weight_decay=0.05,
+        batch_size=128,
+        flip=True,
+        validation_fraction=0.1,
+    ):
+        self.backbone = backbone
+        self.cut = cut
+        self.top = top
+        self.experts = experts
+        self.epochs = epochs
+        self.lr = lr
+        self.head_lr_scale = head_lr_scale
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.flip = flip
+        self.validation_fraction = validation_fraction
+
+    def _pretrained_top(self):
+        if self.top is not None:
+            return copy.deepcopy(self.top).eval()
+        from ltlearn.features.backbones import Backbone, load_backbone
+
+        backbone = self.backbone
+        if isinstance(backbone, str):
+            backbone = load_backbone(backbone)
+        if not isinstance(backbone, Backbone):
+            raise TypeError(
+                "TopStage's backbone must be a backbone name such as 'efficientnet-lite0' or a "
+                f"Backbone; got {type(backbone).__name__}."
+            )
+        return backbone.split(self.cut)[1]
+
+    def build(self, row_shape, n_tops=1):
+        """The shared part and ``n_tops`` own parts of the top, and the embedding width.
+
+        A forward pass of one zero row checks that rows of ``row_shape`` fit
+        the top.
+
+        Returns
+        -------
+        shared : torch.nn.Module
+        tops : list of torch.nn.Module
+        n_features : int
+        """
+        self._validate_params()
+        top = self._pretrained_top()
+        where = (
+            "the top given as top="
+            if self.top is not None
+            else f"the top of {getattr(self.backbone, 'name', self.backbone)} after {self.cut!r}"
+        )
+        try:
+            with torch.no_grad():
+                out = top(torch.zeros(1, *row_shape))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"Rows of shape {tuple(row_shape)} do not fit {where} ({exc}). Fit on the "
+                "activations that extract(..., cut=...) stored for this backbone and cut "
+                "(FeatureFile.read returns them in their shape)."
+            ) from exc
+        if out.ndim != 2:
+            raise ValueError(
+                f"{where} returns shape {tuple(out.shape)} for one row; it must return pooled "
+                "embeddings of shape (n, d)."
+            )
+        if n_tops > 1 and self.experts == "head":
+            shared, own = _own_part(top)
+            tops = [copy.deepcopy(own) for _ in range(n_tops)]
+        else:
+            shared, tops = nn.Identity(), [copy.deepcopy(top) for _ in range(n_tops)]
+        return shared, tops, int(out.shape[1])
+
+    def augment(self, x, generator):
+        """Training maps, each flipped along its width with probability 1/2."""
+        if not self.flip or x.ndim != 4:
+            return x
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        flip = flip.to(x.device).view(-1, 1, 1, 1)
+        return torch.where(flip, x.flip(-1), x)
+
+    def n_steps(self, n_rows):
+        return self.epochs * math.ceil(n_rows / min(self.batch_size, n_rows))

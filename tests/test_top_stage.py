@@ -1,0 +1,248 @@
+"""A trainable top stage on activations cached at a cut (extract(cut=...), TopStage)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from torch.utils.data import TensorDataset
+
+from ltlearn import BalancedSoftmaxClassifier, SADEClassifier
+from ltlearn.datasets import long_tailed_subset
+from ltlearn.exceptions import LtlearnError
+from ltlearn.features import FeatureFile, extract, merge
+from ltlearn.features.backbones import from_module
+from ltlearn.features.io import write_features
+from ltlearn.top_stage import TopStage
+
+
+def small_top(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
+def activations(n, seed=0):
+    """Maps whose class is which channel carries the largest energy: pooling the
+    raw maps averages the signed signal away, a trained ReLU layer recovers it."""
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, 4, n)
+    X = rng.randn(n, 4, 3, 3)
+    X[np.arange(n), y] *= 2.0
+    return X.astype(np.float32), y
+
+
+class Images(TensorDataset):
+    classes = ["a", "b"]
+
+
+def test_efficientnet_trunk_then_top_reproduces_the_embedding():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from ltlearn.features.backbones import efficientnet_lite0
+
+    backbone = efficientnet_lite0()
+    images = torch.rand(3, 3, 224, 224) * 2 - 1
+    trunk, top = backbone.split("model._blocks.14")
+    with torch.no_grad():
+        maps = trunk(images)
+        cosine = torch.nn.functional.cosine_similarity(top(maps), backbone.embed(images))
+    assert maps.shape == (3, 192, 7, 7)
+    assert float(cosine.min()) > 0.9999
+    # The halves are copies: training the top leaves the backbone alone.
+    assert all(
+        p.data_ptr() != q.data_ptr() for p in top.parameters() for q in backbone.module.parameters()
+    )
+    with pytest.raises(ValueError, match="model._blocks.0' ... 'model._blocks.15"):
+        backbone.split("model._blocks.16")
+
+
+def test_a_backbone_that_cannot_be_split_says_how():
+    backbone = from_module(lambda x: x.mean(dim=(2, 3)), preprocess=lambda x: x, name="fn")
+    with pytest.raises(ValueError, match="splitter="):
+        backbone.split("anything")
+
+
+def cut_backbone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    return from_module(net, preprocess=lambda x: x, name="toy")
+
+
+def test_cut_file_round_trips_and_its_top_gives_the_embedding(tmp_path):
+    images = Images(torch.rand(7, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0, 0]))
+    backbone = cut_backbone()
+    path = extract(
+        images, backbone, tmp_path / "cut.h5", cut="1", engine="torch", batch_size=3, verbose=False
+    )
+    with FeatureFile(path) as f:
+        X, y = f.read("train")
+        assert f.row_shape == (4, 6, 6)
+        assert f.attrs["cut"] == "1"
+    assert X.shape == (7, 4, 6, 6) and y.tolist() == [0, 1, 0, 1, 1, 0, 0]
+    _, top = backbone.split("1")
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            top(torch.from_numpy(X)).numpy(),
+            backbone.embed(images.tensors[0]).numpy(),
+            atol=2e-3,  # float16 storage
+        )
+    # A finished file is only read again; a file of embeddings is not resumed as a cut.
+    assert extract(images, backbone, path, cut="1", engine="torch", verbose=False) == path
+    embeddings = extract(images, backbone, tmp_path / "emb.h5", engine="torch", verbose=False)
+    with pytest.raises(LtlearnError, match="cut"):
+        extract(images, backbone, embeddings, cut="1", engine="torch", verbose=False)
+    # Shards merge into one cut file that keeps its shape.
+    shards = [
+        extract(
+            images,
+            backbone,
+            tmp_path / f"s{i}.h5",
+            cut="1",
+            shard=(i, 2),
+            engine="torch",
+            verbose=False,
+        )
+        for i in range(2)
+    ]
+    merged = merge(shards, tmp_path / "merged.h5")
+    with FeatureFile(merged) as f:
+        assert f.row_shape == (4, 6, 6)
+        # Batches of other sizes may round a float16 value the other way.
+        np.testing.assert_allclose(f.read("train")[0], X, atol=1e-3)
+
+
+def test_cut_extraction_resumes_where_it_stopped(tmp_path):
+    images = torch.rand(9, 3, 8, 8)
+    labels = torch.tensor([0, 1] * 4 + [0])
+
+    class Failing(Images):
+        fail_at = 5
+
+        def __getitem__(self, i):
+            if i == self.fail_at:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    backbone = cut_backbone()
+    path = tmp_path / "cut.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(
+            Failing(images, labels),
+            backbone,
+            path,
+            cut="1",
+            engine="torch",
+            batch_size=2,
+            verbose=False,
+        )
+    with FeatureFile(path) as f:
+        assert 0 < f.n_rows("train") < 9
+    Failing.fail_at = -1
+    extract(Failing(images, labels), backbone, path, cut="1", engine="torch", verbose=False)
+    whole = extract(
+        Images(images, labels),
+        backbone,
+        tmp_path / "whole.h5",
+        cut="1",
+        engine="torch",
+        verbose=False,
+    )
+    with FeatureFile(path) as f, FeatureFile(whole) as g:
+        assert f.ids("train").tolist() == g.ids("train").tolist()
+        np.testing.assert_allclose(f.read("train")[0], g.read("train")[0], atol=1e-3)
+
+
+def test_unknown_cut_is_a_clear_error(tmp_path):
+    images = Images(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"cut='9' is not a place .* \['0', '1', '2', '3'\]"):
+        extract(images, cut_backbone(), tmp_path / "f.h5", cut="9", verbose=False)
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_top_with_zero_steps_is_the_frozen_model():
+    X, y = activations(300)
+    top = small_top()
+    frozen_top = clone(TopStage(top=top, epochs=0, validation_fraction=0))
+    clf = BalancedSoftmaxClassifier(head=frozen_top, random_state=0).fit(X, y)
+    with torch.no_grad():
+        E = top(torch.from_numpy(X)).numpy()
+    frozen = BalancedSoftmaxClassifier(random_state=0).fit(E, y)
+    np.testing.assert_array_equal(clf.predict(X), frozen.predict(E))
+    np.testing.assert_allclose(clf.decision_function(X), frozen.decision_function(E), atol=1e-4)
+
+
+def test_training_the_top_beats_the_frozen_top_and_round_trips():
+    X, y = activations(2000)
+    X_test, y_test = activations(1000, seed=1)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    frozen = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0), random_state=0)
+    trained = BalancedSoftmaxClassifier(
+        head=TopStage(top=small_top(), epochs=6, lr=3e-3), random_state=0
+    )
+    frozen.fit(X[keep], y[keep])
+    trained.fit(X[keep], y[keep])
+    assert trained.best_epoch_ > 0
+    assert len(trained.validation_scores_) == 7
+    assert min(trained.validation_scores_[1:]) < trained.validation_scores_[0]
+    assert trained.score(X_test, y_test) > frozen.score(X_test, y_test) + 0.04
+    again = pickle.loads(pickle.dumps(trained))
+    np.testing.assert_array_equal(again.predict(X_test), trained.predict(X_test))
+    assert clone(trained).get_params()["head__epochs"] == 6
+
+
+def test_wrong_activation_shapes_are_clear_errors():
+    X, y = activations(120)
+    clf = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0), random_state=0)
+    with pytest.raises(
+        ValueError, match=r"activations cached at a cut.*got X of shape \(120, 36\)"
+    ):
+        clf.fit(X.reshape(120, -1), y)
+    with pytest.raises(ValueError, match=r"Rows of shape \(3, 3, 3\) do not fit the top"):
+        clf.fit(X[:, :3], y)
+    clf.fit(X, y)
+    with pytest.raises(ValueError, match=r"rows of shape \(36,\).*fitted on activations of shape"):
+        clf.predict(X.reshape(120, -1))
+
+
+def test_streamed_activations_are_refused_with_a_way_out(tmp_path):
+    X, y = activations(50)
+    path = tmp_path / "f.h5"
+    write_features(path, {"train": (X.reshape(len(X), -1), y)}, classes=list("abcd"))
+    clf = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0))
+    with FeatureFile(path) as f, pytest.raises(ValueError, match="needs the activations in memory"):
+        clf.fit(f["train"])
+
+
+def test_sade_experts_own_their_tops():
+    X, y = activations(1500)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    torch.manual_seed(0)
+    top = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 16, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    for experts in ("all", "head"):
+        clf = SADEClassifier(head=TopStage(top=top, epochs=2, experts=experts), random_state=0).fit(
+            X[keep], y[keep]
+        )
+        module = clf.module_.head
+        assert len(module.tops) == 3
+        shared = list(module.shared.parameters())
+        assert (len(shared) > 0) == (experts == "head")
+        assert clf.expert_decision_function(X[:5]).shape == (3, 5, 4)
+        assert clf.score(X, y) > 0.5
