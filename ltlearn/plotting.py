@@ -360,8 +360,10 @@ class ReliabilityDisplay:
         Parameters
         ----------
         ax : matplotlib Axes, default=None
-            Where to draw the reliability diagram. None makes a new figure
-            with the diagram above and the histogram of rows per bin below.
+            Where to draw the reliability diagram, its legend in the upper
+            left corner (move it with ``display.ax_.legend(loc=...)``). None
+            makes a new figure with the diagram above, the histogram of rows
+            per bin below and, with group curves, the legend beside them.
         hist_ax : matplotlib Axes, default=None
             Where to draw the histogram; with ``ax`` given and no
             ``hist_ax``, no histogram is drawn.
@@ -427,8 +429,9 @@ class ReliabilityDisplay:
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        if self.group_curves:
-            # Beside the diagram: six entries would cover the curves of an underconfident model.
+        if self.group_curves and new_figure:
+            # Beside the diagram, in the room made for it: six entries would cover the curves
+            # of an underconfident model. On given axes that room may hold another panel.
             ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
         else:
             ax.legend(loc="upper left", fontsize=8)

@@ -134,6 +134,21 @@ def test_reliability_draws_bars_group_lines_and_histogram(clf, digits):
     assert display.ax_.get_title().startswith("again\n")
 
 
+def test_reliability_legend_goes_beside_the_group_curves_only_on_its_own_figure(clf, digits):
+    def legend_right_of_axes(display):
+        display.figure_.canvas.draw()
+        legend = display.ax_.get_legend().get_window_extent()
+        return legend.x0 > display.ax_.get_window_extent().x1
+
+    display = ReliabilityDisplay.from_estimator(
+        clf, digits.X_test, digits.y_test, many_threshold=MANY
+    )
+    assert legend_right_of_axes(display)
+    # On given axes (a panel among others) it stays inside, where the caller can move it.
+    _, axes = plt.subplots(1, 2)
+    assert not legend_right_of_axes(display.plot(ax=axes[0]))
+
+
 def test_plot_reliability_diagram_is_the_display_without_groups(clf, digits, tmp_path):
     y_prob = clf.predict_proba(digits.X_test)
     path = tmp_path / "reliability.png"
