@@ -55,13 +55,19 @@ EXPERTS = ("forward", "uniform", "backward")
 
 
 class ExpertHeads(nn.Module):
-    """Linear heads of several experts over the same features, in one matrix product.
+    """Linear or cosine heads of several experts over the same features, in one product.
 
     Parameters
     ----------
     n_features, n_classes : int
     bias_init : torch.Tensor of shape (n_experts, n_classes)
-        Starting biases; the weights start at zero (each expert's problem is convex).
+        Starting biases of linear heads; the weights start at zero (each
+        expert's problem is convex).
+    cosine_scale : float, default=None
+        Cosine heads without bias instead: ``cosine_scale * cos(z, w_ec)``,
+        weights drawn from ``generator`` (``bias_init`` then only gives the
+        number of experts).
+    generator : torch.Generator, default=None
 
     Examples
     --------
@@ -71,13 +77,20 @@ class ExpertHeads(nn.Module):
     torch.Size([3, 5, 3])
     """
 
-    def __init__(self, n_features, n_classes, bias_init):
+    def __init__(self, n_features, n_classes, bias_init, cosine_scale=None, generator=None):
         super().__init__()
         self.n_experts, self.n_classes = bias_init.shape
-        self.linear = nn.Linear(n_features, self.n_experts * n_classes)
-        nn.init.zeros_(self.linear.weight)
-        with torch.no_grad():
-            self.linear.bias.copy_(bias_init.reshape(-1))
+        self.cosine_scale = cosine_scale
+        self.linear = nn.Linear(n_features, self.n_experts * n_classes, bias=cosine_scale is None)
+        if cosine_scale is None:
+            nn.init.zeros_(self.linear.weight)
+            with torch.no_grad():
+                self.linear.bias.copy_(bias_init.reshape(-1))
+        else:
+            with torch.no_grad():
+                self.linear.weight.copy_(
+                    torch.randn(self.linear.weight.shape, generator=generator)
+                )
 
     def forward(self, z):
         """Logits of shape (n_experts, n_samples, n_classes).
@@ -86,9 +99,15 @@ class ExpertHeads(nn.Module):
         (n_samples, n_experts, n_features), each expert's own features (its
         own top stage).
         """
+        weight = self.linear.weight.view(self.n_experts, self.n_classes, -1)
+        if self.cosine_scale is not None:
+            weight = F.normalize(weight, dim=2)
+            z = F.normalize(z, dim=-1)
+            if z.ndim == 2:
+                return self.cosine_scale * torch.einsum("nd,ecd->enc", z, weight)
+            return self.cosine_scale * torch.einsum("ned,ecd->enc", z, weight)
+        bias = self.linear.bias.view(self.n_experts, 1, self.n_classes)
         if z.ndim == 3:
-            weight = self.linear.weight.view(self.n_experts, self.n_classes, -1)
-            bias = self.linear.bias.view(self.n_experts, 1, self.n_classes)
             return torch.einsum("ned,ecd->enc", z, weight) + bias
         return self.linear(z).view(len(z), self.n_experts, self.n_classes).transpose(0, 1)
 
@@ -164,6 +183,16 @@ class SADEClassifier(TorchHeadClassifier):
         :class:`~ltlearn.top_stage.TopStage` and activations cached at a
         cut, each expert its own copy of the backbone's top stage (or its
         last part: ``TopStage(experts="head")``) with a linear layer.
+    expert_head : {"linear", "cosine"}, default="linear"
+        Each expert's classifier. ``"linear"`` has a bias, which absorbs the
+        offsets by which the experts' losses differ: linear experts over
+        the same features converge to one model plus offsets, and experts
+        with their own tops, started alike, train identically.
+        ``"cosine"`` (``cosine_scale * cos(z, w)``, no bias: the normalised
+        classifiers of the paper's configurations) cannot absorb them, so
+        each loss shapes its expert's weights, and its top.
+    cosine_scale : float, default=30.0
+        Logit scale of ``"cosine"`` experts.
     normalize : {"l2", "standard"} or None, default="l2"
         Feature normalisation fitted inside the estimator.
     optimizer : {"adam", "adamw", "sgd"}, default="adam"
@@ -239,6 +268,8 @@ class SADEClassifier(TorchHeadClassifier):
         "min_weight": [Interval(Real, 0, 1, closed="left")],
         "view_noise": [Interval(Real, 0, None, closed="neither")],
         "head": [StrOptions({"linear"}), TopStage],
+        "expert_head": [StrOptions({"linear", "cosine"})],
+        "cosine_scale": [Interval(Real, 0, None, closed="neither")],
     }
 
     _n_tops = 3
@@ -259,6 +290,8 @@ class SADEClassifier(TorchHeadClassifier):
         min_weight=0.05,
         view_noise=0.5,
         head="linear",
+        expert_head="linear",
+        cosine_scale=30.0,
         normalize="l2",
         optimizer="adam",
         lr="auto",
@@ -278,6 +311,8 @@ class SADEClassifier(TorchHeadClassifier):
         self.min_weight = min_weight
         self.view_noise = view_noise
         self.head = head
+        self.expert_head = expert_head
+        self.cosine_scale = cosine_scale
         self.normalize = normalize
         self.optimizer = optimizer
         self.lr = lr
@@ -303,7 +338,14 @@ class SADEClassifier(TorchHeadClassifier):
                 self.lam * torch.log(inverse_prior(class_prior)),
             ]
         )
-        return ExpertHeads(n_features, n_classes, bias - bias.mean(dim=1, keepdim=True))
+        cosine = self.expert_head == "cosine"
+        return ExpertHeads(
+            n_features,
+            n_classes,
+            bias - bias.mean(dim=1, keepdim=True),
+            cosine_scale=self.cosine_scale if cosine else None,
+            generator=generator,
+        )
 
     def _source_logits(self, X):
         # The uniform expert was fitted with softmax(logits + log(prior)) to the labels.

@@ -246,3 +246,27 @@ def test_sade_experts_own_their_tops():
         assert (len(shared) > 0) == (experts == "head")
         assert clf.expert_decision_function(X[:5]).shape == (3, 5, 4)
         assert clf.score(X, y) > 0.5
+
+
+def test_cosine_experts_with_their_own_tops_end_different_linear_ones_cannot():
+    """A linear expert's bias absorbs the offset by which the experts' losses differ, so
+    tops started alike train alike; cosine experts have no bias to absorb it."""
+    X, y = activations(1500)
+    keep = long_tailed_subset(y, 20, random_state=0)
+    top = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 16, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    gaps = {}
+    for expert_head in ("linear", "cosine"):
+        clf = SADEClassifier(
+            head=TopStage(top=top, epochs=2, lr=3e-3, validation_fraction=0),
+            expert_head=expert_head,
+            random_state=0,
+        ).fit(X[keep], y[keep])
+        first = [next(t.parameters()).detach() for t in clf.module_.head.tops]
+        gaps[expert_head] = max(float((first[0] - w).abs().max()) for w in first[1:])
+    assert gaps["linear"] < 1e-5
+    assert gaps["cosine"] > 1e-2
