@@ -455,8 +455,8 @@ class PerClassAccuracyDisplay:
     One point per class, on a logarithmic axis of training-set size, joined
     from the rarest class to the most frequent; a dashed segment per group of
     classes (many / medium / few by default) at the group's mean per-class
-    accuracy, spanning its classes. Draw several estimators on one ``ax`` to
-    compare where each gains.
+    accuracy, spanning its classes, with the group's name along the top. Draw
+    several estimators on one ``ax`` to compare where each gains.
 
     Build it with :meth:`from_estimator` or :meth:`from_predictions`; the
     constructor takes values already computed.
@@ -685,15 +685,21 @@ class PerClassAccuracyDisplay:
                     linestyles="--",
                     linewidth=1.5,
                 )
-                ax.annotate(
-                    group,
-                    (np.sqrt(counts.min() * counts.max()), 100 * value),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=8,
-                    color=self.line_.get_color(),
-                )
+                # Named once along the top edge: displays drawn on the same axes share the
+                # groups, and names beside each segment would pile up.
+                if group not in {text.get_text() for text in ax.texts}:
+                    ax.annotate(
+                        group,
+                        (np.sqrt(counts.min() * counts.max()), 1),
+                        xycoords=ax.get_xaxis_transform(),
+                        xytext=(0, -3),
+                        textcoords="offset points",
+                        ha="center",
+                        va="top",
+                        fontsize=8,
+                        color="dimgray",
+                    )
+        ax.margins(y=0.1)  # room for the group names along the top
         ax.set_xscale("log")
         # Round numbers (10, 20, 50, 100 ...) read better than powers of ten on a short range.
         ticker = import_optional("matplotlib.ticker", "plot")

@@ -221,6 +221,8 @@ def test_per_class_accuracy_from_estimator_and_two_on_one_axes(clf, digits):
     segments = display.ax_.collections
     assert len(segments) == 6
     assert matplotlib.colors.same_color(segments[-1].get_colors()[0], "tab:red")
+    # The groups are named once, whatever the number of displays.
+    assert [text.get_text() for text in display.ax_.texts] == ["many", "medium", "few"]
 
 
 def test_per_class_accuracy_errors(digits):
