@@ -31,6 +31,7 @@ also more accurate than aggregation over real augmented views (see
 ``benchmarks/bench_adaptation.py``).
 """
 
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -88,9 +89,10 @@ class ExpertHeads(nn.Module):
                 self.linear.bias.copy_(bias_init.reshape(-1))
         else:
             with torch.no_grad():
-                self.linear.weight.copy_(
-                    torch.randn(self.linear.weight.shape, generator=generator)
-                )
+                # Rows of unit norm, as CosineHead's: a cosine's gradient shrinks as the
+                # weight grows, and weight decay would then outweigh it.
+                weight = torch.randn(self.linear.weight.shape, generator=generator)
+                self.linear.weight.copy_(weight / math.sqrt(n_features))
 
     def forward(self, z):
         """Logits of shape (n_experts, n_samples, n_classes).
