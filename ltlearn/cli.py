@@ -215,6 +215,7 @@ def _extract(args):
         device=args.device,
         engine=args.engine,
         layers=args.layers,
+        cut=args.cut,
         dtype=args.dtype,
         overwrite=args.overwrite,
         on_error=args.on_error,
@@ -360,6 +361,13 @@ def build_parser():
         metavar="NAME",
         help="also store these submodules' pooled outputs before the embedding, e.g. "
         "model._blocks.10 model._blocks.15 for efficientnet-lite0 (for SHIKEClassifier)",
+    )
+    extract.add_argument(
+        "--cut",
+        metavar="NAME",
+        help="store this submodule's unpooled activations instead of the embedding, e.g. "
+        "model._blocks.14 for efficientnet-lite0, to train the backbone's top on them "
+        "(head=TopStage(...)); about 19 KB per image there in float16",
     )
     extract.add_argument(
         "--dtype",

@@ -270,3 +270,25 @@ def test_cosine_experts_with_their_own_tops_end_different_linear_ones_cannot():
         gaps[expert_head] = max(float((first[0] - w).abs().max()) for w in first[1:])
     assert gaps["linear"] < 1e-5
     assert gaps["cosine"] > 1e-2
+
+
+def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from PIL import Image
+
+    from ltlearn.cli import main
+
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / c / "0.png")
+    out = tmp_path / "cut.h5"
+    args = ["extract", str(tmp_path / "images"), str(out), "--cut", "model._blocks.14"]
+    assert main([*args, "--engine", "torch", "--quiet"]) == 0
+    with FeatureFile(out) as f:
+        X, y = f.read("train")
+        assert f.attrs["cut"] == "model._blocks.14"
+    assert X.shape == (2, 192, 7, 7) and y.tolist() == [0, 1]
+    assert main(["extract", str(tmp_path / "images"), str(out), "--cut", "nowhere"]) != 0
+    assert "cut='nowhere' is not a place" in capsys.readouterr().err
