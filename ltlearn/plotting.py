@@ -710,7 +710,7 @@ class PerClassAccuracyDisplay:
         ax.set_ylabel("test accuracy of the class (%)")
         ax.grid(alpha=0.3, which="both")
         if name is not None:
-            ax.legend(fontsize=8)
+            ax.legend(loc="lower right", fontsize=8)  # the frequent classes, right, sit high
         self.ax_, self.figure_ = ax, ax.figure
         return self
 
