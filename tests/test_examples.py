@@ -1,5 +1,6 @@
 """Every example runs, in a fast mode, and answers --help."""
 
+import os
 import re
 import runpy
 import subprocess
@@ -146,3 +147,69 @@ def test_cifar10_from_images_example_smoke_run(tmp_path):
     result = run("cifar10_lt_images.py", "--smoke", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "BalancedSoftmax + adapt (MAP)" in (tmp_path / "test_agnostic.csv").read_text()
+
+
+def table_row(stdout, label, convert=float):
+    """The cells of the row of a printed table that starts with ``label``."""
+    for line in stdout.splitlines():
+        if line.startswith(label + "  "):
+            return [convert(word) for word in line[len(label) :].split()]
+    raise AssertionError(f"no row {label!r} in:\n{stdout}")
+
+
+def test_long_tail_methods_example_ranks_every_method(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pandas")
+    result = run("long_tail_methods.py", "--seeds", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    methods = ["cross-entropy", "Balanced Softmax", "SADE", "RIDE", "SHIKE", "cRT"]
+    rows = {m: table_row(result.stdout, m) for m in [*methods, "tau-normalisation", "LWS"]}
+    # accuracy, many, medium, few, ECE (%), fit time (s)
+    assert all(len(row) == 6 and 0 < row[0] <= 100 for row in rows.values())
+    for method in methods[1:]:  # every re-balancing method lifts the few classes
+        assert rows[method][3] > rows["cross-entropy"][3] + 5, method
+
+
+def test_shifted_test_set_example_adapts_only_to_a_shift(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pandas")
+    result = run("shifted_test_set.py", "--digits", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # rows, accuracy as trained, adapted, shift p-value, shift detected
+    balanced = table_row(result.stdout, "balanced", convert=str)
+    assert balanced[-1] == "False"  # no shift detected: predictions unchanged
+    assert balanced[1] == balanced[2]
+    forward = table_row(result.stdout, "forward 10", convert=str)
+    assert forward[-1] == "True" and float(forward[2]) > float(forward[1])
+    assert "true prior inside the 90 % interval" in result.stdout
+    for method in ("map", "em"):
+        assert 0 <= table_row(result.stdout, method)[0] < 0.5  # L1 error of the prior
+
+
+def test_features_out_of_core_example_writes_and_streams_the_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pandas")
+    pytest.importorskip("PIL")
+    from ltlearn.features import FeatureFile
+
+    result = run("features_out_of_core.py", "--out-dir", str(tmp_path), "--rows", "3000")
+    assert result.returncode == 0, result.stderr
+    assert "streamed and in-memory fits predict the same: True" in result.stdout
+    with FeatureFile(tmp_path / "digits_features.h5") as f:
+        assert f.n_rows("train") < f.n_rows("test") == 899  # a long tail, a balanced half
+        assert f.attrs["backbone"] == "random convolutions"
+    with FeatureFile(tmp_path / "synthetic_features.h5") as f:
+        assert f.n_rows("train") == 3000
+    # Without --out-dir the files go to a temporary directory, removed at the end.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "features_out_of_core.py"), "--rows", "2000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(scratch.iterdir()) == []
