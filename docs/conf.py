@@ -84,7 +84,16 @@ smartquotes_action = "qe"
 
 # Run these during the build; CIFAR-100-LT needs data these machines cannot download, and the
 # test suite runs every example in a fast mode.
-_RUN = ["quickstart", "prl_preferences", "calibration_reliability", "cifar10_lt", "grid_search"]
+_RUN = [
+    "quickstart",
+    "prl_preferences",
+    "calibration_reliability",
+    "cifar10_lt",
+    "grid_search",
+    "long_tail_methods",
+    "shifted_test_set",
+    "features_out_of_core",
+]
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if all((_SHARED / f"cifar10-{split}-jpg.zip").exists() for split in ("train", "test")):
     _RUN.append("cifar10_lt_images")  # about two minutes, most of it extraction

@@ -425,7 +425,7 @@ class FeatureFile:
 
         Returns
         -------
-        X : ndarray of shape (n_rows, n_features), or (n_rows, *row_shape)
+        X : ndarray of shape (n_rows, n_features) or (n_rows, C, H, W)
             Activations at a cut (a file made by ``extract(..., cut=...)``,
             which records :attr:`row_shape`) come back in their shape,
             e.g. ``(n_rows, C, H, W)``.
