@@ -184,6 +184,7 @@ def fit_module(
     views=False,
     augment=None,
     validation=None,
+    n_iter_no_change=None,
     parameter_groups=None,
     record=None,
 ):
@@ -243,6 +244,9 @@ def fit_module(
         better), called before the first epoch and after each one: the
         module ends with the parameters of its best call (early stopping
         with the best epoch restored; epoch 0 is the module as it came).
+    n_iter_no_change : int, optional
+        With ``validation``: stop once this many epochs in a row brought no
+        validation loss below the best so far. None runs ``max_epochs``.
     parameter_groups : list of (list of parameters, float), optional
         The trainable parameters in groups, each with its learning-rate
         factor; None trains all of ``module``'s at ``lr``.
@@ -306,6 +310,8 @@ def fit_module(
             module.train()
             if scores[-1] < scores[best_epoch]:
                 best_epoch, best_state = len(history), copy.deepcopy(module.state_dict())
+            elif n_iter_no_change is not None and len(history) - best_epoch >= n_iter_no_change:
+                break
         if stop_when is not None and stop_when(module):
             break
     if best_state is not None:
