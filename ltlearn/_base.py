@@ -142,6 +142,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "calibration_cv": [Interval(Integral, 2, None, closed="left"), None],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
     }
 
     @abstractmethod
@@ -490,10 +493,64 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 record=record,
                 **common,
             )
-        self.validation_scores_ = record.get("validation_scores")
+        # None when nothing was validated: no fine-tuning, or no rows held out.
+        self.validation_scores_ = record.get("validation_scores") or None
+        self.best_validation_score_ = (
+            None if self.validation_scores_ is None else min(self.validation_scores_)
+        )
         self.best_epoch_ = record.get("best_epoch", stage.epochs)
-        self.history_ = history
+        self.history_ = self.loss_curve_ = history
+        self.n_iter_ = len(history)
         return module, criterion, held
+
+    def _early_stopping_split(self, y_index, generator):
+        """Rows to train on and rows held out for early stopping, as tensors (stratified)."""
+        from ltlearn.datasets import train_val_split
+
+        seed = int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
+        with warnings.catch_warnings():
+            # A class of one row stays in training; the other classes' losses choose the epoch.
+            warnings.filterwarnings("ignore", message=".*single sample")
+            fit_rows, held = train_val_split(
+                y_index, val_size=self.validation_fraction, random_state=seed
+            )
+        if not len(held):
+            raise ValueError(
+                "early_stopping holds out rows of the classes that have two or more, but every "
+                "class has a single row; set early_stopping=False."
+            )
+        return torch.as_tensor(fit_rows), torch.as_tensor(held)
+
+    def _balanced_loss(self, criterion, Z, y, sample_weight, device):
+        """``loss(module)``: ``criterion`` on held-out rows, each class weighing the same.
+
+        Within a class the rows weigh as ``sample_weight`` says. Early
+        stopping keeps the epoch a balanced test set would prefer.
+        """
+        totals = torch.zeros(len(self.classes_)).index_add_(0, y, sample_weight)
+        if not totals.sum() > 0:
+            raise ValueError(
+                "The rows early_stopping held out all weigh zero (sample_weight), so they "
+                "cannot choose an epoch; set early_stopping=False or give them weight."
+            )
+        weights = (sample_weight / totals.clamp_min(1e-12)[y]).to(device)
+        Z, y = Z.to(device), y.to(device)
+
+        def loss(module):
+            # Eval mode: losses that count training steps (LDAM's, RIDE's) must not count
+            # these calls, and PRL's training module evaluates its corners.
+            module.eval()
+            criterion.eval()
+            with torch.no_grad():
+                out = torch.cat(
+                    [module(Z[i : i + _PREDICT_CHUNK]) for i in range(0, len(Z), _PREDICT_CHUNK)],
+                    dim=-2,
+                )
+                value = float(criterion(out, y, weights))
+            criterion.train()
+            return value
+
+        return loss
 
     def _held_out_temperature(self, X, y_index):
         """Temperature of the balanced logits fitted on held-out rows (a top's validation part)."""
@@ -550,8 +607,20 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 "head=TopStage(...) needs the activations in memory; read them first, e.g. "
                 "X, y = FeatureFile(path).read(split)."
             )
+        elif self.early_stopping:
+            raise ValueError(
+                "early_stopping needs X in memory: it holds out rows of each class. Read the "
+                "split first, e.g. X, y = FeatureFile(path).read(split), or fit the streamed "
+                f"split with early_stopping=False; got {split!r}."
+            )
         else:
             X, y = split, self._streamed_labels(split, y)
+        if self.early_stopping and self._uses_top():
+            raise ValueError(
+                "early_stopping does not apply to head=TopStage(...): the TopStage holds out "
+                "its own rows (TopStage(validation_fraction=...)) and keeps its best "
+                "fine-tuning epoch. Set early_stopping=False."
+            )
         if views is not None:
             if split is not None:
                 raise ValueError(
@@ -608,11 +677,13 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             if len(held) and getattr(self, "calibration_cv", None) is not None:
                 self.calibration_temperature_ = self._held_out_temperature(X[held], y_index[held])
             return self
-        self.__dict__.pop("validation_scores_", None)
-        self.__dict__.pop("best_epoch_", None)
+        fit_rows = held = None
+        if self.early_stopping:
+            fit_rows, held = self._early_stopping_split(y_index, generator)
         if split is None:
             X_t = _float_tensor(X)
-            normalizer = self._make_normalizer(X_t)
+            # Fitted on the rows it trains on: the held-out rows stay out of everything learnt.
+            normalizer = self._make_normalizer(X_t if fit_rows is None else X_t[fit_rows])
             with torch.no_grad():
                 Z = normalizer(X_t)
                 if views is not None:
@@ -622,6 +693,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         else:
             normalizer = self._make_normalizer(split)
             Z = StreamedInputs(split, normalizer)
+        if held is not None:
+            # Views of the held-out images train nothing; their loss reads the plain rows.
+            held_out = (Z[held] if views is None else Z[held, 0], y_t[held], w_t[held])
+            Z, y_t, w_t = Z[fit_rows], y_t[fit_rows], w_t[fit_rows]
         if getattr(self, "tail_synthesis", 0):
             if split is not None:
                 raise ValueError(
@@ -631,15 +706,17 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             Z_new, y_new = synthesize_tail(Z, y_t, n_classes, self.tail_synthesis, generator)
             self.synthetic_counts_ = np.bincount(y_new.numpy(), minlength=n_classes)
             # A synthetic row weighs what its class's real rows weigh on average.
-            real = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
-            mean_weight = real / np.maximum(self.class_counts_, 1)
+            # (The real rows: all of them, or those left after early stopping's hold-out.)
+            real_counts = np.bincount(y_t.numpy(), minlength=n_classes)
+            real = np.bincount(y_t.numpy(), weights=w_t.numpy(), minlength=n_classes)
+            mean_weight = real / np.maximum(real_counts, 1)
             w_new = torch.as_tensor(mean_weight, dtype=torch.float32)[y_new]
             Z, y_t, w_t = torch.cat([Z, Z_new]), torch.cat([y_t, y_new]), torch.cat([w_t, w_new])
             if not balanced_sampling:
                 # A class keeps its total weight, shared by its real and synthetic rows,
                 # so that class_prior_ (and the loss's adjustment) still counts images.
                 # Balanced batches draw every class equally often whatever its rows.
-                share = self.class_counts_ / (self.class_counts_ + self.synthetic_counts_)
+                share = real_counts / (real_counts + self.synthetic_counts_)
                 w_t = w_t * torch.as_tensor(share, dtype=torch.float32)[y_t]
         elif hasattr(self, "tail_synthesis"):
             self.synthetic_counts_ = np.zeros(n_classes, dtype=np.int64)
@@ -651,6 +728,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         n_steps = max_epochs * math.ceil(n_rows / min(batch_size, n_rows))
         criterion = self._make_criterion(prior, n_steps)
         module = self._make_module(X.shape[1], n_classes, prior, generator, n_steps)
+        validation = None if held is None else self._balanced_loss(criterion, *held_out, device)
 
         def train(
             module, criterion, *, balanced_sampling=balanced_sampling, desc=None, rows=None, **kw
@@ -685,7 +763,19 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                 **settings,
             )
 
-        self.history_ = train(module, criterion)
+        record = {}
+        stopping = validation is not None
+        self.history_ = self.loss_curve_ = train(
+            module,
+            criterion,
+            validation=validation,
+            n_iter_no_change=self.n_iter_no_change if stopping else None,
+            record=record,
+        )
+        self.n_iter_ = len(self.history_)
+        self.validation_scores_ = record["validation_scores"] if stopping else None
+        self.best_validation_score_ = min(self.validation_scores_) if stopping else None
+        self.best_epoch_ = record["best_epoch"] if stopping else self.n_iter_
         module = self._fit_second_stage(module, Z, y_t, train, generator)
         self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()
         self.criterion_ = criterion

@@ -78,6 +78,26 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         steps per epoch.
     lr_schedule : {"onecycle", "cosine", "constant"}, default="onecycle"
         Learning-rate schedule over all steps.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of each class's rows (as
+        :func:`ltlearn.datasets.train_val_split` does: a class of one row
+        stays in training), train on the others, and stop once the held-out
+        loss has not improved for ``n_iter_no_change`` epochs; the model keeps
+        the parameters of its best epoch. The held-out loss is the training
+        loss with each class weighing the same (rows within a class by
+        ``sample_weight``), the loss a balanced test set would show. The
+        learning-rate schedule still spans ``max_epochs``, so a fit that stops
+        ends before the rate has decayed. Needs ``X`` in memory: a streamed
+        split is an error, and so is a ``TopStage`` head, which keeps its best
+        fine-tuning epoch on rows of its own (``TopStage(validation_fraction=...)``).
+        With ``views``, a held-out image's views are held out too and its loss
+        reads the plain row. The copies that ``calibration_cv`` fits stop
+        early alike.
+    validation_fraction : float in (0, 1), default=0.1
+        Share of each class's rows that ``early_stopping`` holds out.
+    n_iter_no_change : int, default=5
+        Epochs without a lower held-out loss after which ``early_stopping``
+        stops training.
     balanced_sampling : bool, default=False
         Draw class-balanced batches. The loss then sees a uniform prior, so the
         logit adjustment vanishes; use one or the other.
@@ -121,7 +141,8 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)
-        Training samples per class.
+        Training samples per class (all rows passed to ``fit``, those that
+        ``early_stopping`` held out included).
     synthetic_counts_ : ndarray of shape (n_classes,)
         Synthetic training rows per class (``tail_synthesis``).
     class_prior_ : ndarray of shape (n_classes,)
@@ -136,8 +157,29 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     criterion_ : ltlearn.losses.LogitAdjustedLoss
         The training loss; its ``adjustment`` is ``tau * log(class_prior_)``
         with the ``tau`` of the fit, which ``test_prior`` corrections build on.
+    n_iter_ : int
+        Epochs the training ran: ``max_epochs``, or fewer when
+        ``early_stopping`` stopped it. With a ``TopStage`` head, the linear
+        probe's and the fine-tuning's together.
+    loss_curve_ : list of float
+        Mean training loss of each epoch (with a ``TopStage`` head, the
+        probe's, then the fine-tuning's).
     history_ : list of float
-        Mean training loss of each epoch.
+        The same list as ``loss_curve_``.
+    validation_scores_ : list of float or None
+        Under ``early_stopping``, the held-out loss before training and after
+        each epoch: a loss, lower is better (``MLPClassifier`` keeps
+        accuracies here). With a ``TopStage`` head, the TopStage's held-out
+        loss of the linear probe and after each fine-tuning epoch. None
+        otherwise.
+    best_validation_score_ : float or None
+        The lowest of ``validation_scores_``, that of the kept parameters;
+        None without them.
+    best_epoch_ : int
+        The epoch whose parameters the model kept: under ``early_stopping``
+        the best one (0 if none beat the untrained head), else the last.
+        With a ``TopStage`` head, counted in fine-tuning epochs (0: the
+        linear probe).
     device_ : str
         Device the model was trained on.
 
@@ -185,6 +227,9 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         balanced_sampling=False,
         tail_synthesis=0.0,
         device="auto",
@@ -204,6 +249,9 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.balanced_sampling = balanced_sampling
         self.tail_synthesis = tail_synthesis
         self.device = device

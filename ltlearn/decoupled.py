@@ -114,18 +114,24 @@ class DecoupledClassifier(TorchHeadClassifier):
     normalize, optimizer, lr, weight_decay, max_epochs, batch_size, lr_schedule, device, \
 random_state, verbose
         As in :class:`ltlearn.BalancedSoftmaxClassifier`; both stages use them.
+    early_stopping, validation_fraction, n_iter_no_change
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for stage 1: the
+        held-out rows train no stage, and stage 2 (and the choice of
+        ``tau="auto"``) runs its full epochs on the other rows.
 
     Attributes
     ----------
     classes_, n_features_in_, class_counts_, class_prior_, device_
         As in :class:`ltlearn.BalancedSoftmaxClassifier`.
+    n_iter_, loss_curve_, validation_scores_, best_validation_score_, best_epoch_
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for stage 1.
     module_ : ltlearn.heads.NormalizedHead
         The normaliser and the stage-2 head (:class:`TauNormalizedHead`,
         :class:`ScaledHead`, or a re-trained ``torch.nn.Linear``).
     criterion_ : ltlearn.losses.LogitAdjustedLoss
         Stage 1's plain cross-entropy.
     history_ : list of float
-        Mean loss of each epoch of stage 1.
+        Mean loss of each epoch of stage 1: the same list as ``loss_curve_``.
     second_stage_history_ : list of float
         Mean loss of each epoch of stage 2 (empty for ``"tau_norm"``).
     tau_ : float
@@ -161,6 +167,9 @@ random_state, verbose
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         device="auto",
         random_state=None,
         verbose=False,
@@ -174,6 +183,9 @@ random_state, verbose
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -200,7 +212,8 @@ random_state, verbose
         return head
 
     def _choose_tau(self, Z, y, prior, train, generator):
-        if self.class_counts_.max() < 2:
+        # The rows it trains on: early_stopping may have held some out already.
+        if int(torch.bincount(y).max()) < 2:
             raise ValueError(
                 "DecoupledClassifier(method='tau_norm', tau='auto') chooses tau on rows held "
                 "out of each class, but every class has a single training row, so none can be "

@@ -138,6 +138,8 @@ class _DirichletTraining(nn.Module):
 
     ``alphas[t, i]`` is expert ``i``'s Dirichlet draw at step ``t``, drawn up
     front from the estimator's ``random_state`` so that a fit is reproducible.
+    In eval mode (early stopping's held-out loss) each expert sits at its
+    corner, as the preferences that name it predict, and no draw is used up.
     """
 
     def __init__(self, network, alphas):
@@ -147,6 +149,8 @@ class _DirichletTraining(nn.Module):
         self.step = 0
 
     def forward(self, z):
+        if not self.training:
+            return self.network(z, torch.eye(3, device=z.device))
         alpha = self.alphas[self.step % len(self.alphas)]
         self.step += 1
         # Row i of the output holds expert i's logits, as PRLLoss expects.
@@ -231,6 +235,18 @@ class PRLClassifier(TorchHeadClassifier):
         Mini-batch size; ``"auto"`` as in BalancedSoftmaxClassifier.
     lr_schedule : {"onecycle", "cosine", "constant"}, default="onecycle"
         Learning-rate schedule over all steps.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of each class's rows, train on the
+        others and stop once their loss has not improved for
+        ``n_iter_no_change`` epochs, keeping the best epoch; see
+        :class:`ltlearn.BalancedSoftmaxClassifier`. The held-out loss is
+        :class:`~ltlearn.losses.PRLLoss` of the three experts at their
+        corners, each class weighing the same.
+    validation_fraction : float in (0, 1), default=0.1
+        Share of each class's rows that ``early_stopping`` holds out.
+    n_iter_no_change : int, default=5
+        Epochs without a lower held-out loss after which ``early_stopping``
+        stops training.
     device : str, default="auto"
         Torch device to train on (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         Prediction runs on the CPU.
@@ -269,8 +285,21 @@ class PRLClassifier(TorchHeadClassifier):
         The fitted normaliser and :class:`PRLNetwork`, on the CPU in eval mode.
     criterion_ : ltlearn.losses.PRLLoss
         The training loss.
-    history_ : list of float
+    n_iter_ : int
+        Epochs the training ran (fewer than ``max_epochs`` when
+        ``early_stopping`` stopped it).
+    loss_curve_ : list of float
         Mean training loss of each epoch.
+    history_ : list of float
+        The same list as ``loss_curve_``.
+    validation_scores_ : list of float or None
+        Under ``early_stopping``, the held-out loss before training and after
+        each epoch (lower is better); None otherwise.
+    best_validation_score_ : float or None
+        The lowest of ``validation_scores_``; None without them.
+    best_epoch_ : int
+        The epoch whose parameters the model kept (the best one under
+        ``early_stopping``, else the last).
     device_ : str
         Device the network was trained on.
 
@@ -322,6 +351,9 @@ class PRLClassifier(TorchHeadClassifier):
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         device="auto",
         calibration_cv=3,
         random_state=None,
@@ -342,6 +374,9 @@ class PRLClassifier(TorchHeadClassifier):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.device = device
         self.calibration_cv = calibration_cv
         self.random_state = random_state

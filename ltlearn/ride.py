@@ -268,11 +268,17 @@ class RIDEClassifier(TorchHeadClassifier):
     normalize, optimizer, lr, weight_decay, max_epochs, batch_size, lr_schedule, device, \
 random_state, verbose
         As in :class:`ltlearn.BalancedSoftmaxClassifier`.
+    early_stopping, validation_fraction, n_iter_no_change
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for stage 1 (the
+        experts): the held-out rows train no stage, and the router trains for
+        its full epochs on the other rows.
 
     Attributes
     ----------
-    classes_, n_features_in_, class_counts_, class_prior_, history_, device_
+    classes_, n_features_in_, class_counts_, class_prior_, device_
         As in :class:`ltlearn.BalancedSoftmaxClassifier`.
+    n_iter_, loss_curve_, history_, validation_scores_, best_validation_score_, best_epoch_
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for stage 1 (the experts).
     module_ : ltlearn.heads.NormalizedHead
         The normaliser and the :class:`RoutedExperts`.
     criterion_ : ltlearn.losses.RIDELoss
@@ -327,6 +333,9 @@ random_state, verbose
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         device="auto",
         random_state=None,
         verbose=False,
@@ -348,6 +357,9 @@ random_state, verbose
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.device = device
         self.random_state = random_state
         self.verbose = verbose

@@ -205,6 +205,17 @@ class SADEClassifier(TorchHeadClassifier):
     max_epochs : int or "auto", default="auto"
     batch_size : int or "auto", default="auto"
     lr_schedule : {"onecycle", "cosine", "constant"}, default="onecycle"
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of each class's rows, train on the
+        others and stop once their loss (the three experts' loss, each class
+        weighing the same) has not improved for ``n_iter_no_change`` epochs,
+        keeping the best epoch; see :class:`ltlearn.BalancedSoftmaxClassifier`.
+        Not with a ``TopStage`` head, which keeps its own best epoch.
+    validation_fraction : float in (0, 1), default=0.1
+        Share of each class's rows that ``early_stopping`` holds out.
+    n_iter_no_change : int, default=5
+        Epochs without a lower held-out loss after which ``early_stopping``
+        stops training.
     device : str, default="auto"
         Torch device to train on; prediction and aggregation run on the CPU.
     calibration_cv : int or None, default=3
@@ -301,6 +312,9 @@ class SADEClassifier(TorchHeadClassifier):
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         device="auto",
         calibration_cv=3,
         random_state=None,
@@ -322,6 +336,9 @@ class SADEClassifier(TorchHeadClassifier):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.device = device
         self.calibration_cv = calibration_cv
         self.random_state = random_state

@@ -227,11 +227,18 @@ class SHIKEClassifier(TorchHeadClassifier):
     optimizer, lr, weight_decay, max_epochs, batch_size, lr_schedule, device, \
 random_state, verbose
         As in :class:`ltlearn.BalancedSoftmaxClassifier`; both stages use them.
+    early_stopping, validation_fraction, n_iter_no_change
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for the experts'
+        training: the held-out rows train no stage, and the re-balancing runs
+        its full epochs on the other rows.
 
     Attributes
     ----------
-    classes_, n_features_in_, class_counts_, class_prior_, history_, device_
+    classes_, n_features_in_, class_counts_, class_prior_, device_
         As in :class:`ltlearn.BalancedSoftmaxClassifier`.
+    n_iter_, loss_curve_, history_, validation_scores_, best_validation_score_, best_epoch_
+        As in :class:`ltlearn.BalancedSoftmaxClassifier`, for the experts' training
+        (before the re-balancing).
     feature_widths_ : list of int
         Widths of the column groups.
     module_ : ltlearn.heads.NormalizedHead
@@ -279,6 +286,9 @@ random_state, verbose
         max_epochs="auto",
         batch_size="auto",
         lr_schedule="onecycle",
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=5,
         device="auto",
         random_state=None,
         verbose=False,
@@ -295,6 +305,9 @@ random_state, verbose
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
