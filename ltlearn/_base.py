@@ -20,6 +20,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_sample_weight,
@@ -524,8 +525,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     def _balanced_loss(self, criterion, Z, y, sample_weight, device):
         """``loss(module)``: ``criterion`` on held-out rows, each class weighing the same.
 
-        Within a class the rows weigh as ``sample_weight`` says. Early
-        stopping keeps the epoch a balanced test set would prefer.
+        Within a class the rows weigh as ``sample_weight`` says; class weights
+        cancel. Early stopping keeps the epoch a balanced test set would prefer.
         """
         totals = torch.zeros(len(self.classes_)).index_add_(0, y, sample_weight)
         if not totals.sum() > 0:
@@ -653,6 +654,13 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float32, ensure_non_negative=True
         )
+        loss_weight = sample_weight
+        class_weight = getattr(self, "class_weight", None)
+        if class_weight is not None:
+            # On top of the logit adjustment: class_prior_ below counts the classes
+            # without them, and the cross-fitted calibration never sees them.
+            per_class = compute_class_weight(class_weight, classes=self.classes_, y=y)
+            loss_weight = (sample_weight * per_class[y_index]).astype(np.float32)
         self.class_counts_ = np.bincount(y_index, minlength=n_classes)
         weighted_totals = np.bincount(y_index, weights=sample_weight, minlength=n_classes)
         # Estimators whose loss needs the long-tailed prior have no such parameter.
@@ -666,7 +674,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
         generator = torch_generator(check_random_state(self.random_state))
         y_t = torch.as_tensor(y_index, dtype=torch.int64)
-        w_t = torch.from_numpy(sample_weight)
+        w_t = torch.from_numpy(loss_weight)
         if self._uses_top():
             prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
             module, criterion, held = self._fit_top_stage(X, y_t, w_t, prior, generator, device)

@@ -101,6 +101,22 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     balanced_sampling : bool, default=False
         Draw class-balanced batches. The loss then sees a uniform prior, so the
         logit adjustment vanishes; use one or the other.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes in the loss, as in scikit-learn: ``{label:
+        weight}``, or ``"balanced"`` for ``n_samples / (n_classes * count)``;
+        they multiply ``sample_weight``. They act on top of the logit
+        adjustment: ``class_prior_``, and the adjustment built on it, count
+        the classes without them, so class weights express costs beyond the
+        balance that the adjustment already gives. The loss then fits
+        posteriors tilted by the weights (at its optimum, a class weighing
+        ``k`` times more gains ``log(k)`` in its logits), and so are the
+        probabilities that ``test_prior``, :meth:`adapt` and the calibration
+        read. ``"balanced"`` repeats the adjustment's balancing, so next to
+        ``tau=1`` it is not redundant but doubled: it pushes predictions
+        toward the tail, toward a test set whose class frequencies are the
+        inverse of the training ones. With ``tau=0`` it is classic
+        re-weighting, which aims at the balanced posterior as ``tau=1``
+        alone does.
     tail_synthesis : float in [0, 1], default=0.0
         Synthesise features for small classes during training, up to this
         fraction of the largest class's count: each synthetic feature is a
@@ -146,8 +162,8 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     synthetic_counts_ : ndarray of shape (n_classes,)
         Synthetic training rows per class (``tail_synthesis``).
     class_prior_ : ndarray of shape (n_classes,)
-        Class prior the loss adjusted for (weighted by ``sample_weight``;
-        uniform under ``balanced_sampling``).
+        Class prior the loss adjusted for (weighted by ``sample_weight``, not
+        by ``class_weight``; uniform under ``balanced_sampling``).
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape ``(n_features_in_,)``
@@ -207,6 +223,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "cosine_scale": [Interval(Real, 0, None, closed="neither")],
         "balanced_sampling": ["boolean"],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
         "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
         "tau": [Interval(Real, 0, None, closed="left")],
         "test_prior": [None, StrOptions({"uniform", "train"}), "array-like"],
@@ -231,6 +248,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         validation_fraction=0.1,
         n_iter_no_change=5,
         balanced_sampling=False,
+        class_weight=None,
         tail_synthesis=0.0,
         device="auto",
         calibration_cv=3,
@@ -253,6 +271,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.balanced_sampling = balanced_sampling
+        self.class_weight = class_weight
         self.tail_synthesis = tail_synthesis
         self.device = device
         self.calibration_cv = calibration_cv

@@ -1,4 +1,5 @@
-"""scikit-learn idioms on every torch estimator: n_iter_, loss_curve_, early stopping."""
+"""scikit-learn idioms on every torch estimator: n_iter_, loss_curve_, early stopping,
+and BalancedSoftmaxClassifier's class_weight."""
 
 import math
 
@@ -184,3 +185,27 @@ def test_early_stopping_is_refused_with_a_top_stage():
     assert clf.loss_curve_ is clf.history_ and len(clf.loss_curve_) == 5
     assert len(clf.validation_scores_) == 3
     assert clf.best_validation_score_ == min(clf.validation_scores_)
+
+
+def test_class_weight_leaves_the_prior_and_moves_predictions(data):
+    X, y = data
+    plain = BalancedSoftmaxClassifier(max_epochs=10, calibration_cv=None, **FAST).fit(X, y)
+    tail = int(np.argmin(np.bincount(y)))
+    heavy = BalancedSoftmaxClassifier(
+        max_epochs=10, calibration_cv=None, class_weight={tail: 20.0}, **FAST
+    ).fit(X, y)
+    # The adjustment's prior counts the classes without their weights.
+    np.testing.assert_array_equal(heavy.class_prior_, plain.class_prior_)
+    assert (heavy.predict(X) == tail).sum() > (plain.predict(X) == tail).sum()
+
+
+def test_class_weight_balanced_is_the_scikit_learn_formula(data):
+    X, y = data
+    counts = np.bincount(y)
+    formula = {c: len(y) / (len(counts) * n) for c, n in enumerate(counts)}
+    params = dict(max_epochs=3, calibration_cv=None, **FAST)
+    balanced = BalancedSoftmaxClassifier(class_weight="balanced", **params).fit(X, y)
+    explicit = BalancedSoftmaxClassifier(class_weight=formula, **params).fit(X, y)
+    np.testing.assert_allclose(
+        balanced.decision_function(X), explicit.decision_function(X), rtol=1e-5, atol=1e-6
+    )
