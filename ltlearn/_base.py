@@ -597,6 +597,19 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : object
             The fitted classifier.
+
+        Notes
+        -----
+        On the CPU, torch computes on as many threads as the machine has
+        cores. ``GridSearchCV(n_jobs=k)``, ``cross_validate(n_jobs=k)`` and
+        the like, with joblib's default ``"loky"`` backend, already give each
+        worker ``cores // k`` of them: joblib sets ``OMP_NUM_THREADS`` in its
+        workers, and torch follows it. Elsewhere (in one process, or under
+        joblib's ``"threading"`` backend), limit them with threadpoolctl,
+        which sets the OpenMP runtime torch computes with, for the thread
+        that enters it: ``with threadpool_limits(limits=2): clf.fit(X, y)``
+        (likewise around ``predict``), or process-wide with
+        ``torch.set_num_threads``.
         """
         device = resolve_device(self.device)
         self.reset_adaptation()

@@ -456,6 +456,11 @@ class PRLClassifier(TorchHeadClassifier):
         -------
         self : object
             The fitted classifier.
+
+        Notes
+        -----
+        For the number of threads torch computes on, and how to limit it,
+        see ``BalancedSoftmaxClassifier.fit``.
         """
         self._concentrations()  # a bad beta fails before any training
         super().fit(X, y, sample_weight=sample_weight, views=views)

@@ -1,5 +1,5 @@
 """scikit-learn idioms on every torch estimator: n_iter_, loss_curve_, early stopping,
-and BalancedSoftmaxClassifier's class_weight."""
+class_weight and thread limits."""
 
 import math
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.utils._param_validation import InvalidParameterError
+from threadpoolctl import threadpool_limits
 
+import ltlearn._base
 from ltlearn import (
     BalancedSoftmaxClassifier,
     DecoupledClassifier,
@@ -209,3 +211,20 @@ def test_class_weight_balanced_is_the_scikit_learn_formula(data):
     np.testing.assert_allclose(
         balanced.decision_function(X), explicit.decision_function(X), rtol=1e-5, atol=1e-6
     )
+
+
+def test_threadpoolctl_limits_the_threads_torch_trains_on(data, monkeypatch):
+    """The documented way to limit torch's threads (see the fit docstring)."""
+    X, y = data
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_module(*args, **kwargs)
+
+    monkeypatch.setattr(ltlearn._base, "fit_module", recording)
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=1):
+        BalancedSoftmaxClassifier(max_epochs=1, calibration_cv=None, **FAST).fit(X, y)
+    assert seen == [1]
+    assert torch.get_num_threads() == before
