@@ -615,6 +615,11 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.reset_adaptation()
         split = _as_feature_split(X)
         if split is None:
+            if y is None:
+                raise ValueError(
+                    f"{type(self).__name__} requires y to be passed, but the target y is None "
+                    "(only a FeatureSplit of a feature file brings its own labels)."
+                )
             X, y = self._validate(X, y, reset=True)
         elif self._uses_top():
             raise ValueError(
