@@ -40,13 +40,12 @@ from ltlearn._training import (
 from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
-from ltlearn.top_stage import TopStage, TopStageModule
+from ltlearn.top_stage import CHUNK as TOP_CHUNK
+from ltlearn.top_stage import TopStage, fit_top_stage
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
 _PREDICT_CHUNK = 65536
-# A trainable top holds activations of hundreds of KB per row at predict time.
-_TOP_PREDICT_CHUNK = 256
 
 
 def _float_tensor(X):
@@ -398,110 +397,20 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         return checked
 
     def _fit_top_stage(self, X, y_t, w_t, prior, generator, device):
-        """Fit a :class:`~ltlearn.top_stage.TopStage` head: the linear probe, then fine-tuning.
+        """Fit a :class:`~ltlearn.top_stage.TopStage` head; see :func:`.fit_top_stage`.
 
         Returns the trained module, the criterion and the held-out rows.
         """
-        from ltlearn.datasets import train_val_split
-
-        stage = self.head
-        shared, tops, n_features = stage.build(X.shape[1:], self._n_tops)
-        X_t = _float_tensor(X)
-        train, held = np.arange(len(X)), np.empty(0, dtype=np.intp)
-        if stage.validation_fraction > 0:
-            seed = int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
-            with warnings.catch_warnings():
-                # A class of one row stays in training; its validation loss is not needed.
-                warnings.filterwarnings("ignore", message=".*single sample")
-                train, held = train_val_split(
-                    y_t.numpy(), val_size=stage.validation_fraction, random_state=seed
-                )
-        with torch.no_grad():
-            E = torch.cat(
-                [
-                    tops[0](shared(X_t[i : i + _TOP_PREDICT_CHUNK]))
-                    for i in range(0, len(X_t), _TOP_PREDICT_CHUNK)
-                ]
-            )
-            normalizer = self._make_normalizer(E[train])
-            Z = normalizer(E)
-        rows = torch.as_tensor(train)
-        lr, batch_size, max_epochs = _resolve_schedule(
-            self.lr, self.batch_size, self.max_epochs, len(train), n_features
-        )
-        n_steps = max_epochs * math.ceil(len(train) / min(batch_size, len(train)))
-        criterion = self._make_criterion(prior, n_steps + stage.n_steps(len(train)))
-        head = self._make_module(n_features, len(self.classes_), prior, generator, n_steps)
-        common = dict(
-            balanced_sampling=getattr(self, "balanced_sampling", False),
-            device=device,
-            generator=generator,
-            verbose=self.verbose,
-            desc=type(self).__name__,
-        )
-        # Linear probe: the head on the frozen top's embeddings, as on an embedding file.
-        history = fit_module(
-            head,
-            criterion,
-            Z[rows],
-            y_t[rows],
-            sample_weight=w_t[rows],
-            optimizer=self.optimizer,
-            lr=lr,
-            weight_decay=self.weight_decay,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr_schedule=self.lr_schedule,
-            **common,
-        )
-        module = TopStageModule(shared, tops, normalizer, head)
-        validation = None
-        if len(held):
-            X_held, y_held = X_t[torch.as_tensor(held)], y_t[torch.as_tensor(held)]
-            # Each class weighs the same: the loss a balanced test set would show.
-            counts = torch.bincount(y_held, minlength=len(self.classes_)).float()
-            w_held = 1.0 / counts.clamp_min(1)[y_held]
-
-            def validation(module):
-                module.eval()
-                with torch.no_grad():
-                    out = torch.cat(
-                        [
-                            module(X_held[i : i + _TOP_PREDICT_CHUNK].to(device))
-                            for i in range(0, len(X_held), _TOP_PREDICT_CHUNK)
-                        ],
-                        dim=-2,
-                    )
-                    return float(criterion(out, y_held.to(device), w_held.to(device)))
-
-        record = {}
-        if stage.epochs:
-            history += fit_module(
-                module,
-                criterion,
-                X_t[rows],
-                y_t[rows],
-                sample_weight=w_t[rows],
-                optimizer="adamw",
-                lr=stage.lr,
-                weight_decay=stage.weight_decay,
-                max_epochs=stage.epochs,
-                batch_size=stage.batch_size,
-                lr_schedule="onecycle",
-                augment=stage.augment,
-                validation=validation,
-                parameter_groups=module.parameter_groups(stage.head_lr_scale),
-                record=record,
-                **common,
-            )
+        module, criterion, held, record = fit_top_stage(self, X, y_t, w_t, prior, generator, device)
+        # Balanced accuracy on the held-out rows (higher is better), the probe's first;
         # None when nothing was validated: no fine-tuning, or no rows held out.
-        self.validation_scores_ = record.get("validation_scores") or None
+        self.validation_scores_ = record["validation_scores"]
         self.best_validation_score_ = (
-            None if self.validation_scores_ is None else min(self.validation_scores_)
+            None if self.validation_scores_ is None else max(self.validation_scores_)
         )
-        self.best_epoch_ = record.get("best_epoch", stage.epochs)
-        self.history_ = self.loss_curve_ = history
-        self.n_iter_ = len(history)
+        self.best_epoch_ = record["best_epoch"]
+        self.history_ = self.loss_curve_ = record["history"]
+        self.n_iter_ = len(self.history_)
         return module, criterion, held
 
     def _early_stopping_split(self, y_index, generator):
@@ -901,7 +810,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         ``args`` go to the module after the features; rows are on axis -2.
         """
         X_t = _float_tensor(X)
-        chunk = _TOP_PREDICT_CHUNK if self._uses_top() else _PREDICT_CHUNK
+        chunk = TOP_CHUNK if self._uses_top() else _PREDICT_CHUNK
         with torch.inference_mode():
             parts = [self.module_(X_t[i : i + chunk], *args) for i in range(0, len(X_t), chunk)]
         logits = torch.cat(parts, dim=-2).numpy()

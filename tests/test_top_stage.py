@@ -194,7 +194,9 @@ def test_training_the_top_beats_the_frozen_top_and_round_trips():
     trained.fit(X[keep], y[keep])
     assert trained.best_epoch_ > 0
     assert len(trained.validation_scores_) == 7
-    assert min(trained.validation_scores_[1:]) < trained.validation_scores_[0]
+    # Balanced accuracy on held-out rows, the probe's first: fine-tuning gained.
+    assert max(trained.validation_scores_[1:]) > trained.validation_scores_[0]
+    assert trained.best_validation_score_ == trained.validation_scores_[trained.best_epoch_]
     assert trained.score(X_test, y_test) > frozen.score(X_test, y_test) + 0.04
     again = pickle.loads(pickle.dumps(trained))
     np.testing.assert_array_equal(again.predict(X_test), trained.predict(X_test))
@@ -237,9 +239,9 @@ def test_sade_experts_own_their_tops():
         torch.nn.Flatten(),
     )
     for experts in ("all", "head"):
-        clf = SADEClassifier(head=TopStage(top=top, epochs=2, experts=experts), random_state=0).fit(
-            X[keep], y[keep]
-        )
+        clf = SADEClassifier(
+            head=TopStage(top=top, epochs=2, experts=experts, train="all"), random_state=0
+        ).fit(X[keep], y[keep])
         module = clf.module_.head
         assert len(module.tops) == 3
         shared = list(module.shared.parameters())
@@ -292,3 +294,28 @@ def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsy
     assert X.shape == (2, 192, 7, 7) and y.tolist() == [0, 1]
     assert main(["extract", str(tmp_path / "images"), str(out), "--cut", "nowhere"]) != 0
     assert "cut='nowhere' is not a place" in capsys.readouterr().err
+
+
+def test_training_only_the_last_part_leaves_the_rest_as_it_was():
+    X, y = activations(800)
+    torch.manual_seed(0)
+    top = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 16, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    clf = BalancedSoftmaxClassifier(
+        head=TopStage(top=top, train="last", epochs=2, lr=3e-3, validation_fraction=0),
+        random_state=0,
+    ).fit(X, y)
+    module = clf.module_.head
+    frozen, last = module.shared, module.tops[0]
+    torch.testing.assert_close(frozen[0].weight, top[0].weight)
+    assert float((last[0].weight - top[2].weight).abs().max()) > 1e-3
+    # Predictions run the frozen part too, on the raw activations.
+    with torch.no_grad():
+        expected = module.head(module.normalizer(last(frozen(torch.from_numpy(X[:5])))))
+    np.testing.assert_allclose(clf.decision_function(X[:5]), expected.numpy(), rtol=1e-5)
