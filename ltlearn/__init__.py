@@ -21,6 +21,7 @@ _ESTIMATORS = {
     "RIDEClassifier": "ltlearn.ride",
     "SADEClassifier": "ltlearn.sade",
     "SHIKEClassifier": "ltlearn.shike",
+    "TopStage": "ltlearn.top_stage",
 }
 
 __all__ = [*_ESTIMATORS, "__version__"]
