@@ -177,7 +177,7 @@ def test_top_with_zero_steps_is_the_frozen_model():
     clf = BalancedSoftmaxClassifier(head=frozen_top, random_state=0).fit(X, y)
     with torch.no_grad():
         E = top(torch.from_numpy(X)).numpy()
-    frozen = BalancedSoftmaxClassifier(random_state=0).fit(E, y)
+    frozen = BalancedSoftmaxClassifier(calibration_cv=None, random_state=0).fit(E, y)
     np.testing.assert_array_equal(clf.predict(X), frozen.predict(E))
     np.testing.assert_allclose(clf.decision_function(X), frozen.decision_function(E), atol=1e-4)
 
@@ -227,7 +227,7 @@ def test_streamed_activations_are_refused_with_a_way_out(tmp_path):
 
 
 def test_sade_experts_own_their_tops():
-    X, y = activations(1500)
+    X, y = activations(800)
     keep = long_tailed_subset(y, 10, random_state=0)
     torch.manual_seed(0)
     top = torch.nn.Sequential(
@@ -253,7 +253,7 @@ def test_sade_experts_own_their_tops():
 def test_cosine_experts_with_their_own_tops_end_different_linear_ones_cannot():
     """A linear expert's bias absorbs the offset by which the experts' losses differ, so
     tops started alike train alike; cosine experts have no bias to absorb it."""
-    X, y = activations(1500)
+    X, y = activations(600)
     keep = long_tailed_subset(y, 20, random_state=0)
     top = torch.nn.Sequential(
         torch.nn.Conv2d(4, 16, 1),
@@ -266,6 +266,7 @@ def test_cosine_experts_with_their_own_tops_end_different_linear_ones_cannot():
         clf = SADEClassifier(
             head=TopStage(top=top, epochs=2, lr=3e-3, validation_fraction=0),
             expert_head=expert_head,
+            max_epochs=5,
             random_state=0,
         ).fit(X[keep], y[keep])
         first = [next(t.parameters()).detach() for t in clf.module_.head.tops]
