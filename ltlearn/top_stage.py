@@ -406,10 +406,9 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
     record = {}
     if stage.epochs:
         train_inputs, augment = inputs[rows], stage.augment
-        if frozen and stage.flip:
-            mirrored = _in_chunks(shared, X_t[rows].flip(-1)) if X.ndim == 4 else None
-            if mirrored is not None:
-                train_inputs, augment = torch.stack([train_inputs, mirrored], 1), _MirrorPairs()
+        if frozen and stage.flip and X.ndim == 4:
+            mirrored = _in_chunks(shared, X_t[rows].flip(-1))
+            train_inputs, augment = torch.stack([train_inputs, mirrored], 1), _MirrorPairs()
         history += fit_module(
             trained,
             criterion,

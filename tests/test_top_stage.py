@@ -27,6 +27,19 @@ def small_top(seed=0):
     )
 
 
+def two_layer_top(seed=0):
+    """A top with a first part to freeze or share and a last part of its own."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(4, 16, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
 def activations(n, seed=0):
     """Maps whose class is which channel carries the largest energy: pooling the
     raw maps averages the signed signal away, a trained ReLU layer recovers it."""
@@ -229,15 +242,7 @@ def test_streamed_activations_are_refused_with_a_way_out(tmp_path):
 def test_sade_experts_own_their_tops():
     X, y = activations(800)
     keep = long_tailed_subset(y, 10, random_state=0)
-    torch.manual_seed(0)
-    top = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 16, 1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
+    top = two_layer_top()
     for experts in ("all", "head"):
         clf = SADEClassifier(
             head=TopStage(top=top, epochs=2, experts=experts, train="all"), random_state=0
@@ -299,15 +304,7 @@ def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsy
 
 def test_training_only_the_last_part_leaves_the_rest_as_it_was():
     X, y = activations(800)
-    torch.manual_seed(0)
-    top = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 16, 1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
+    top = two_layer_top()
     clf = BalancedSoftmaxClassifier(
         head=TopStage(top=top, train="last", epochs=2, lr=3e-3, validation_fraction=0),
         random_state=0,
