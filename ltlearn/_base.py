@@ -708,8 +708,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             record=record,
         )
         self.n_iter_ = len(self.history_)
-        self.validation_scores_ = record["validation_scores"] if stopping else None
-        self.best_validation_score_ = min(self.validation_scores_) if stopping else None
+        # Scores, higher is better, as scikit-learn's (neg_log_loss): the negated held-out loss.
+        self.validation_scores_ = [-s for s in record["validation_scores"]] if stopping else None
+        self.best_validation_score_ = max(self.validation_scores_) if stopping else None
         self.best_epoch_ = record["best_epoch"] if stopping else self.n_iter_
         module = self._fit_second_stage(module, Z, y_t, train, generator)
         self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()

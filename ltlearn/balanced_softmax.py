@@ -183,13 +183,13 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     history_ : list of float
         The same list as ``loss_curve_``.
     validation_scores_ : list of float or None
-        Under ``early_stopping``, the held-out loss before training and after
-        each epoch: a loss, lower is better (``MLPClassifier`` keeps
-        accuracies here). With a ``TopStage`` head, the TopStage's held-out
-        loss of the linear probe and after each fine-tuning epoch. None
-        otherwise.
+        Held-out scores, higher is better (as ``MLPClassifier``'s), before
+        training and after each epoch. Under ``early_stopping``, the negated
+        held-out loss (scikit-learn's ``neg_log_loss`` convention); with a
+        ``TopStage`` head, the balanced accuracy on its held-out rows of the
+        linear probe and after each fine-tuning epoch. None otherwise.
     best_validation_score_ : float or None
-        The lowest of ``validation_scores_``, that of the kept parameters;
+        The highest of ``validation_scores_``, that of the kept parameters;
         None without them.
     best_epoch_ : int
         The epoch whose parameters the model kept: under ``early_stopping``

@@ -293,10 +293,11 @@ class PRLClassifier(TorchHeadClassifier):
     history_ : list of float
         The same list as ``loss_curve_``.
     validation_scores_ : list of float or None
-        Under ``early_stopping``, the held-out loss before training and after
-        each epoch (lower is better); None otherwise.
+        Under ``early_stopping``, the negated held-out loss before training
+        and after each epoch (higher is better, scikit-learn's
+        ``neg_log_loss`` convention); None otherwise.
     best_validation_score_ : float or None
-        The lowest of ``validation_scores_``; None without them.
+        The highest of ``validation_scores_``; None without them.
     best_epoch_ : int
         The epoch whose parameters the model kept (the best one under
         ``early_stopping``, else the last).

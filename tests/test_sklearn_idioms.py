@@ -71,11 +71,12 @@ def test_early_stopping_keeps_the_best_epoch(data, make):
     scores = clf.validation_scores_
     assert len(scores) == clf.n_iter_ + 1  # before training, then after each epoch
     assert len(clf.loss_curve_) == clf.n_iter_
-    assert clf.best_validation_score_ == min(scores) == scores[clf.best_epoch_]
+    assert clf.best_validation_score_ == max(scores) == scores[clf.best_epoch_]
     # Stopped: n_iter_no_change epochs in a row found no lower held-out loss.
     assert clf.n_iter_ < 40
     assert clf.n_iter_ == clf.best_epoch_ + 2
-    assert min(scores[clf.best_epoch_ + 1 :]) >= clf.best_validation_score_
+    assert max(scores[clf.best_epoch_ + 1 :]) <= clf.best_validation_score_
+    assert all(score < 0 for score in scores)  # negated cross-entropies
     assert clf.score(X, y) > 0.5
 
 
@@ -186,7 +187,8 @@ def test_early_stopping_is_refused_with_a_top_stage():
     assert clf.n_iter_ == 5  # 3 epochs of linear probe, 2 of fine-tuning
     assert clf.loss_curve_ is clf.history_ and len(clf.loss_curve_) == 5
     assert len(clf.validation_scores_) == 3
-    assert clf.best_validation_score_ == min(clf.validation_scores_)
+    assert all(0 <= score <= 1 for score in clf.validation_scores_)  # balanced accuracies
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
 
 
 def test_class_weight_leaves_the_prior_and_moves_predictions(data):
