@@ -238,24 +238,66 @@ class SADEClassifier(TorchHeadClassifier):
         Temperature of the balanced logits from the cross-fitting
         (``calibration_cv``); 1 without it.
     classes_ : ndarray of shape (n_classes,)
+        Class labels.
+    class_counts_ : ndarray of shape (n_classes,)
+        Training samples per class (all rows passed to ``fit``, those that
+        ``early_stopping`` held out included).
+    class_prior_ : ndarray of shape (n_classes,)
+        Training class prior that the forward and backward experts' losses
+        build on.
     n_features_in_ : int
+        Number of features seen during fit.
     feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Feature names, when ``X`` had string column names.
-    class_counts_ : ndarray of shape (n_classes,)
-    class_prior_ : ndarray of shape (n_classes,)
     module_ : ltlearn.heads.NormalizedHead
-        The fitted normaliser and :class:`ExpertHeads`.
+        The fitted normaliser and :class:`ExpertHeads`, on the CPU in eval mode.
     criterion_ : ltlearn.losses.DiverseExpertLoss
+        The training loss of the three experts.
+    n_iter_ : int
+        Epochs the training ran: ``max_epochs``, or fewer when
+        ``early_stopping`` stopped it. With a ``TopStage`` head, the linear
+        probe's and the fine-tuning's together.
+    loss_curve_ : list of float
+        Mean training loss of each epoch (with a ``TopStage`` head, the
+        probe's, then the fine-tuning's).
     history_ : list of float
+        The same list as ``loss_curve_``.
+    validation_scores_ : list of float or None
+        Held-out scores, higher is better (as ``MLPClassifier``'s), before
+        training and after each epoch. Under ``early_stopping``, the negated
+        held-out loss; with a ``TopStage`` head, the balanced accuracy on its
+        held-out rows of the linear probe and after each fine-tuning epoch.
+        None otherwise.
+    best_validation_score_ : float or None
+        The highest of ``validation_scores_``, that of the kept parameters;
+        None without them.
+    best_epoch_ : int
+        The epoch whose parameters the model kept: under ``early_stopping``
+        the best one (0 if none beat the untrained experts), else the last.
+        With a ``TopStage`` head, counted in fine-tuning epochs (0: the
+        linear probe).
     device_ : str
+        Device the model was trained on.
+    test_prior_ : ndarray of shape (n_classes,)
+        Test prior estimated by :meth:`adapt` with a label-shift method,
+        whether or not a shift was detected; absent before.
+    test_prior_interval_ : ndarray of shape (2, n_classes)
+        Lower and upper bounds of ``test_prior_`` at :meth:`adapt`'s
+        ``confidence`` (default 90 %); NaN for ``"bbse"`` and ``"rlls"``.
+    test_prior_effective_rows_ : float
+        Number of labeled rows that would pin the test prior down as
+        precisely as :meth:`adapt`'s unlabeled rows did.
+    shift_pvalue_ : float
+        p-value of :meth:`adapt`'s likelihood-ratio test of "no shift".
+    shift_detected_ : bool
+        Whether that test rejected "no shift" at ``significance``, so that
+        predictions follow ``test_prior_``.
     aggregation_weights_ : ndarray of shape (3,)
         Weights of the (forward, uniform, backward) experts learnt by
         :meth:`adapt` with ``method="aggregation"``; absent before.
     aggregation_history_ : list of float
         Mean cosine similarity of the two views' predictions in each
         aggregation epoch.
-    test_prior_ : ndarray of shape (n_classes,)
-        Test prior estimated by :meth:`adapt` with a label-shift method; absent before.
 
     Examples
     --------
