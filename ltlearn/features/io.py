@@ -479,6 +479,54 @@ class FeatureFile:
             return None
         return self._read(split, "views", self._rows(split, start, stop), dtype)
 
+    def read_with_views(self, split="train", *, start=None, stop=None, dtype=np.float32):
+        """Features, labels and augmented views of rows ``start:stop``, as the estimators take them.
+
+        For a file made with views (``extract(..., views=K)`` or
+        ``recipe="layers-views"``): every column of each row (stored layers
+        and the embedding side by side), so ``fit(X, y, views=V)`` and
+        ``predict(X, views=V)`` take the three as they are.
+
+        Parameters
+        ----------
+        split : str, default="train"
+        start, stop : int, default=None
+            Row range, clipped to the complete rows.
+        dtype : numpy dtype, default=np.float32
+            Type of the returned features and views.
+
+        Returns
+        -------
+        X : ndarray of shape (n_rows, n_features)
+        y : ndarray of shape (n_rows,) of int64
+        views : ndarray of shape (n_rows, n_views, n_features)
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> from ltlearn import BalancedSoftmaxClassifier
+        >>> path = os.path.join(tempfile.mkdtemp(), "f.h5")
+        >>> rng = np.random.default_rng(0)
+        >>> with FeatureWriter(path, classes=["a", "b"]) as w:
+        ...     w.append("train", rng.normal(size=(6, 3)), [0, 1, 0, 1, 0, 1],
+        ...              views=rng.normal(size=(6, 2, 3)))
+        >>> with FeatureFile(path) as f:
+        ...     X, y, V = f.read_with_views("train")
+        >>> X.shape, y.shape, V.shape
+        ((6, 3), (6,), (6, 2, 3))
+        >>> clf = BalancedSoftmaxClassifier(max_epochs=2).fit(X, y, views=V)
+        >>> clf.predict(X, views=V).shape
+        (6,)
+        """
+        if "views" not in self._group(split):
+            raise self._error(
+                f"has no views in split {split!r}; extract it with views=K and a "
+                "view_transform, or with recipe='layers-views' (ltlearn extract --recipe "
+                "layers-views)"
+            )
+        X, y = self.read(split, start=start, stop=stop, dtype=dtype)
+        return X, y, self.views(split, start=start, stop=stop, dtype=dtype)
+
     def iter_chunks(self, split="train", *, chunk_rows=_READ_CHUNK_ROWS, dtype=np.float32):
         """Yield ``(X, y)`` blocks of at most ``chunk_rows`` rows, in order.
 
