@@ -216,6 +216,7 @@ def _extract(args):
         engine=args.engine,
         layers=args.layers,
         cut=args.cut,
+        recipe=args.recipe,
         dtype=args.dtype,
         overwrite=args.overwrite,
         on_error=args.on_error,
@@ -368,6 +369,14 @@ def build_parser():
         help="store this submodule's unpooled activations instead of the embedding, e.g. "
         "model._blocks.14 for efficientnet-lite0, to train the backbone's top on them "
         "(head=TopStage(...)); about 19 KB per image there in float16",
+    )
+    extract.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="store what a measured setting needs; 'layers-views': efficientnet-lite0's blocks "
+        "14 and 15 beside the embedding and 2 augmented views (padded crop and mirror) of each "
+        "image, for BalancedSoftmaxClassifier trained and tested on the views (78.6%% against "
+        "76.8%% on CIFAR-10-LT, IR 100); excludes --layers and --cut",
     )
     extract.add_argument(
         "--dtype",

@@ -320,6 +320,40 @@ def _pooled(output, name):
     )
 
 
+def _recipe_options(name, backbone, **explicit):
+    """``(layers, views, view_transform)`` of the recipe ``name``, checked against the call.
+
+    ``explicit`` holds the call's own ``layers``, ``views``, ``view_transform``
+    and ``cut``: any of them set besides the recipe is an error, since the
+    file would no longer hold what the recipe's name says it holds.
+    """
+    from ltlearn.features.recipes import RECIPES
+
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}; got {name!r}.")
+    recipe = RECIPES[name]
+    # None, and views=0, are the defaults: what a call that did not set them passes.
+    given = {key: value for key, value in explicit.items() if value not in (None, 0)}
+    if given:
+        options = ", ".join(f"{key}={value!r}" for key, value in given.items())
+        raise ValueError(
+            f"recipe={name!r} chooses layers, views and view_transform itself and stores no "
+            f"cut; it cannot be combined with {options} (--layers or --cut on the command "
+            "line). Drop those, or drop the recipe and pass layers=, views= and view_transform= "
+            "yourself."
+        )
+    module = backbone.module
+    names = {n for n, _ in module.named_modules()} if isinstance(module, torch.nn.Module) else ()
+    missing = [layer for layer in recipe.layers if layer not in names]
+    if missing:
+        raise ValueError(
+            f"recipe={name!r} stores the outputs of {list(recipe.layers)}, submodules of "
+            f"{recipe.backbone}; backbone {backbone.name} has no {missing}. Use the backbone "
+            f"{recipe.backbone!r}, or pass layers=, views= and view_transform= for this one."
+        )
+    return list(recipe.layers), recipe.views, recipe.view_transform
+
+
 def _check_layers(backbone, layers):
     """The requested layer names, checked against the backbone's submodules."""
     if layers is None:
@@ -411,6 +445,7 @@ def extract(
     view_transform=None,
     layers=None,
     cut=None,
+    recipe=None,
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -516,6 +551,18 @@ def extract(
         :meth:`FeatureFile.read` returns them as ``(n, C, H, W)``, ready for
         an estimator with a trainable top (:class:`ltlearn.heads.TopStage`,
         built from the same backbone and cut). Excludes ``layers``.
+    recipe : {"layers-views"}, default=None
+        Store what a named, measured setting needs (``--recipe`` on the
+        command line; see :mod:`ltlearn.features.recipes`), recorded in the
+        file's ``recipe`` attribute; read it back with
+        :meth:`FeatureFile.read_with_views`. ``"layers-views"``:
+        EfficientNet-Lite0's ``model._blocks.14`` and ``model._blocks.15``
+        beside the embedding and 2 views per image from
+        :class:`~ltlearn.features.recipes.PadCropFlip`, the setting that
+        reached 78.6 % on CIFAR-10-LT at IR 100 (76.8 % without) with
+        :class:`~ltlearn.BalancedSoftmaxClassifier` trained and tested on the
+        views. A recipe chooses ``layers``, ``views`` and ``view_transform``
+        itself: passing any of them, or ``cut``, with it is an error.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -573,6 +620,10 @@ def extract(
             "backbone must be a Backbone (ltlearn.features.backbones) or a backbone name such "
             f"as 'efficientnet-lite0'; got {type(backbone).__name__}."
         )
+    if recipe is not None:
+        layers, views, view_transform = _recipe_options(
+            recipe, backbone, layers=layers, views=views, view_transform=view_transform, cut=cut
+        )
     layers = _check_layers(backbone, layers)
     trunk = None
     if cut is not None:
@@ -592,6 +643,8 @@ def extract(
         attrs["layers"] = json.dumps(layers)
     if cut is not None:
         attrs["cut"] = cut
+    if recipe is not None:
+        attrs["recipe"] = recipe
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
     if not overwrite:
@@ -837,4 +890,3 @@ def _use_onnxruntime(engine, device, backbone):
         return True
     available = importlib.util.find_spec("onnxruntime") is not None
     return available and device.type == "cpu" and isinstance(backbone.module, torch.nn.Module)
-
