@@ -98,7 +98,6 @@ from ltlearn.features.backbones import from_module
 from ltlearn.features.sources import CIFARSource
 from ltlearn.metrics import evaluate_test_agnostic, expected_calibration_error, shot_accuracy
 
-args.out_dir.mkdir(parents=True, exist_ok=True)
 backbone, ratios = args.backbone, args.imbalance_ratios
 if args.smoke:
     args.data_dir = write_small_cifar100(args.out_dir / "data")
@@ -123,6 +122,8 @@ except (FileNotFoundError, ConnectionError) as exc:
         f"{exc}\nEither put the official cifar-100-python directory under --data-dir, or pass "
         "--download on a machine that can reach the CIFAR host."
     )
+# Only once the data is there, so that a run without it leaves no empty directory behind.
+args.out_dir.mkdir(parents=True, exist_ok=True)
 cache = args.out_dir / ("features_smoke.h5" if args.smoke else "features.h5")
 for split, source in sources.items():
     extract(source, backbone, cache, split=split, verbose=not args.smoke)

@@ -22,9 +22,8 @@ def pytest_collection_modifyitems(config, items):
 def _examples_write_into_a_temporary_directory(request, monkeypatch):
     """Run the tests of the examples in a temporary working directory.
 
-    An example writes its outputs under the working directory unless told where
-    (``cifar100_lt.py --data-dir DIR`` creates ``cifar100_lt/`` before it finds that
-    the data are missing): a test run must leave the checkout as it found it.
+    An example writes its outputs under the working directory unless told where: a
+    test run must leave the checkout as it found it.
     """
     if request.path.name == "test_examples.py":
         monkeypatch.chdir(request.getfixturevalue("tmp_path"))

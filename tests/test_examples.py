@@ -137,6 +137,7 @@ def test_cifar100_example_names_both_ways_to_get_the_data(tmp_path):
     result = run("cifar100_lt.py", "--data-dir", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert "--data-dir" in result.stderr and "--download" in result.stderr
+    assert not (tmp_path / "cifar100_lt").exists()  # no output directory without data
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10-train-jpg.zip").exists(), reason="../shared is absent")
