@@ -79,6 +79,9 @@ html_theme_options = {
 # Pages without sub-pages get no left sidebar: an empty "Section Navigation" column took
 # a third of the width from their tables and code.
 html_sidebars = {page: [] for page in ("index", "getting_started", "guide", "benchmarks")}
+# Nor the example pages: beside it their code (up to 100 columns) ran under the right edge at
+# 1,400 px; the gallery index and the previous/next links lead between examples.
+html_sidebars["auto_examples/*"] = []
 # Quotes and ellipses are typeset; "--" stays two hyphens (command-line options in prose).
 smartquotes_action = "qe"
 
