@@ -26,7 +26,8 @@ from pathlib import Path
 # The data
 # --------
 # By default the script looks for the project's CIFAR-10 EfficientNet-Lite0 embeddings
-# beside its checkout; pass ``--features FILE`` for your own file, or ``--digits``. The
+# in ``shared/data/`` beside its checkout (:ref:`how to make that file <cifar10-files>`);
+# pass ``--features FILE`` for your own file, or ``--digits``. The
 # long-tailed training set is split 80 / 20 into a training and a calibration set, both
 # long-tailed.
 

@@ -28,7 +28,8 @@ from pathlib import Path
 # The data
 # --------
 # By default the script looks for the project's CIFAR-10 EfficientNet-Lite0 embeddings
-# beside its checkout; pass ``--features FILE`` for your own file, or ``--digits``.
+# in ``shared/data/`` beside its checkout (:ref:`how to make that file <cifar10-files>`);
+# pass ``--features FILE`` for your own file, or ``--digits``.
 
 # sphinx-gallery runs examples without __file__, from their folder.
 here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()

@@ -35,7 +35,8 @@ from pathlib import Path
 # %%
 # The command line
 # ----------------
-# By default the zips are looked for beside the project's checkout.
+# By default the zips are looked for in ``shared/data/`` beside the project's checkout
+# (:ref:`how to make them <cifar10-files>`).
 
 # sphinx-gallery runs examples without __file__, from their folder.
 here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
