@@ -1077,7 +1077,7 @@ class PreferenceSimplexDisplay:
                 linestyle="none",
                 label="best point of the panel, chosen on this test set (hindsight)",
             )
-            panel.figure.colorbar(shading, ax=panel, label="accuracy (%)", shrink=0.8)
+            panel.figure.colorbar(shading, ax=panel, label="accuracy (%)", shrink=0.8, pad=0.12)
             panel.set_title(f"{name.replace('_', ' ')} (best {100 * values[best]:.1f} %)")
             for (cx, cy), label in zip(_CORNERS, ("forward", "uniform", "backward"), strict=True):
                 # Below the bottom corners, above the top one: never over the colours.
