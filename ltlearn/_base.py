@@ -257,7 +257,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             Augmented views are used by :class:`~ltlearn.SADEClassifier`'s
             aggregation only; label-shift estimation reads ``X``.
         significance : float in (0, 1) or None, default=0.05
-            Level of the likelihood-ratio test of "no shift" that decides
+            Level of the test of "no shift" that decides
             whether predictions change; None adapts whatever the test says.
         **options
             Further arguments of :func:`~ltlearn.adaptation.estimate_test_prior`
@@ -462,21 +462,23 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
         return loss
 
-    def _held_out_temperature(self, X, y_index):
-        """Temperature of the balanced logits fitted on held-out rows (a top's validation part)."""
-        from ltlearn.calibration import _fit_temperature
+    def _held_out_calibration(self, X, y_index):
+        """Temperature and class bias of the balanced logits, fitted on held-out rows.
+
+        The held-out rows are a top's validation part; see :meth:`_cross_fitted_calibration`.
+        """
+        from ltlearn.calibration import _fit_class_bias, _fit_temperature, _shrunk_bias
 
         if len(np.unique(y_index)) < 2:
-            return 1.0
+            return None
+        logits = self._balanced_logits(X)
+        offset = np.broadcast_to(np.log(self.class_prior_), logits.shape)
+        weights = np.ones(len(y_index))
         temperature, _ = _fit_temperature(
-            self._balanced_logits(X),
-            y_index,
-            np.ones(len(y_index)),
-            bounds=(0.01, 100.0),
-            fit_bias=False,
-            offset=np.broadcast_to(np.log(self.class_prior_), (len(y_index), len(self.classes_))),
+            logits, y_index, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offset
         )
-        return temperature
+        bias, covariance = _fit_class_bias(logits / temperature + offset, y_index, weights)
+        return temperature, _shrunk_bias(bias, covariance), covariance
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None, *, views=None):
@@ -608,9 +610,11 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.module_ = NormalizedHead(torch.nn.Identity(), module).eval()
             self.criterion_ = criterion
             self.device_ = str(device)
-            self.calibration_temperature_ = 1.0
-            if len(held) and getattr(self, "calibration_cv", None) is not None:
-                self.calibration_temperature_ = self._held_out_temperature(X[held], y_index[held])
+            self._set_calibration(
+                self._held_out_calibration(X[held], y_index[held])
+                if len(held) and getattr(self, "calibration_cv", None) is not None
+                else None
+            )
             return self
         fit_rows = held = None
         if self.early_stopping:
@@ -716,15 +720,26 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.module_ = NormalizedHead(normalizer, self._prediction_module(module)).eval()
         self.criterion_ = criterion
         self.device_ = str(device)
-        self.calibration_temperature_ = (
-            1.0
+        self._set_calibration(
+            None
             if split is not None or getattr(self, "calibration_cv", None) is None
-            else self._cross_fitted_temperature(X, y, sample_weight, views)
+            else self._cross_fitted_calibration(X, y, sample_weight, views)
         )
         return self
 
-    def _cross_fitted_temperature(self, X, y, sample_weight, views):
-        """Temperature of the balanced logits, fitted on out-of-fold predictions.
+    def _set_calibration(self, calibration):
+        """Store ``(temperature, class bias, its covariance)``; None: calibration unknown."""
+        n_classes = len(self.classes_)
+        if calibration is None:
+            calibration = 1.0, np.zeros(n_classes), np.zeros((n_classes, n_classes))
+        (
+            self.calibration_temperature_,
+            self.calibration_bias_,
+            self.calibration_bias_covariance_,
+        ) = calibration
+
+    def _cross_fitted_calibration(self, X, y, sample_weight, views):
+        """Temperature of the balanced logits and the class bias left, from out-of-fold predictions.
 
         Each of ``calibration_cv`` folds is predicted by a copy of this
         estimator fitted on the other folds; the temperature ``T`` minimises
@@ -734,15 +749,22 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         Label-shift estimation reads posteriors calibrated this way: a head
         regularised for accuracy is under-confident on small sets, which EM
         turns into a prior biased toward the tail.
+
+        The class offsets that would calibrate the out-of-fold posteriors
+        further come next (see :func:`~ltlearn.calibration._fit_class_bias`),
+        shrunk toward zero by their noise (:func:`~ltlearn.calibration._shrunk_bias`),
+        with the covariance of the unshrunk ones. Adaptation adds the offsets to
+        the calibrated logits; its test of "no shift" and its intervals allow
+        for their covariance.
         """
         from sklearn.model_selection import StratifiedKFold
 
-        from ltlearn.calibration import _fit_temperature
+        from ltlearn.calibration import _fit_class_bias, _fit_temperature, _shrunk_bias
 
         counts = self.class_counts_
         n_splits = min(self.calibration_cv, int(counts.max()))
         if n_splits < 2:
-            return 1.0
+            return None
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
@@ -775,16 +797,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             targets.append(np.searchsorted(self.classes_, y[held]))
             weights.append(sample_weight[held].astype(np.float64))
         if not logits or np.concatenate(weights).sum() <= 0:
-            return 1.0
+            return None
+        logits, offsets = np.concatenate(logits), np.concatenate(offsets)
+        targets, weights = np.concatenate(targets), np.concatenate(weights)
         temperature, _ = _fit_temperature(
-            np.concatenate(logits),
-            np.concatenate(targets),
-            np.concatenate(weights),
-            bounds=(0.01, 100.0),
-            fit_bias=False,
-            offset=np.concatenate(offsets),
+            logits, targets, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offsets
         )
-        return temperature
+        with np.errstate(invalid="ignore"):  # -inf offsets stay -inf
+            calibrated = logits / temperature + offsets
+        bias, covariance = _fit_class_bias(calibrated, targets, weights)
+        return temperature, _shrunk_bias(bias, covariance), covariance
 
     def _streamed_labels(self, split, y):
         """``y`` for rows streamed from ``split``, checked; the split's labels when None."""

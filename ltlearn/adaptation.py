@@ -490,12 +490,6 @@ def _check_validation(validation, classes, n_features):
     return X_val, y_val
 
 
-def _mixture_loglik(ratios, prior):
-    """Log-likelihood, up to a constant, of rows under ``sum_c prior_c p(x | c)``."""
-    with np.errstate(divide="ignore"):
-        return float(np.sum(np.log(ratios @ prior)))
-
-
 def _prior_covariance(ratios, prior, alpha):
     """Asymptotic covariance of the (MAP) prior estimate, from the observed information.
 
@@ -511,6 +505,28 @@ def _prior_covariance(ratios, prior, alpha):
     ones = inverse.sum(axis=1)
     total = ones.sum()
     return inverse - np.outer(ones, ones) / total if total > 0 else inverse
+
+
+def _calibration_covariance(proba, source, prior, bias_covariance):
+    """Covariance of the EM prior that class-offset miscalibration of the posteriors causes.
+
+    The prior ``q`` that EM finds solves ``q = mean_i softmax(l_i + b + log q)``
+    with ``l_i`` the row's log-posteriors for a uniform prior and ``b`` the
+    posteriors' class offsets (zero when calibrated). Differentiating that
+    fixed point gives ``dq/db = (I - A diag(1/q))^+ A``, ``A`` the mean of
+    ``diag(p_i) - p_i p_i^T`` over the rows' posteriors under ``q``: an offset
+    moves the prior only as far as it moves the posteriors, so a confident
+    classifier's prior hardly depends on its offsets.
+    """
+    n_classes = len(prior)
+    if not np.any(bias_covariance):
+        return np.zeros((n_classes, n_classes))
+    with np.errstate(divide="ignore"):
+        posteriors = np.exp(log_softmax(np.log(proba / source) + np.log(prior), axis=1))
+    average = np.diag(posteriors.mean(axis=0)) - posteriors.T @ posteriors / len(posteriors)
+    fixed_point = np.eye(n_classes) - average / np.maximum(prior, 1e-300)[None, :]
+    jacobian = np.linalg.pinv(fixed_point, rcond=1e-10) @ average
+    return jacobian @ bias_covariance @ jacobian.T
 
 
 def estimate_test_prior(
@@ -540,8 +556,12 @@ def estimate_test_prior(
     ``validation`` they are recalibrated by a temperature and class-wise
     biases (BCTS). The prior the classifier predicts for today (uniform for
     an unadapted Balanced Softmax model, the training prior for a plain
-    scikit-learn classifier) is the null hypothesis "no shift": a likelihood
-    ratio test against it gives a p-value, and ``"map"`` shrinks toward it.
+    scikit-learn classifier) is the null hypothesis "no shift": a test
+    against it gives a p-value, and ``"map"`` shrinks toward it. The test
+    allows for the sample's noise and for what calibration cannot promise:
+    the class offsets left after the temperature, measured out of fold in
+    ``fit`` (``calibration_bias_covariance_``), which are as uncertain as the
+    tail is small.
 
     Parameters
     ----------
@@ -573,7 +593,7 @@ def estimate_test_prior(
         With ``validation``, recalibrate the posteriors of ``"em"`` and
         ``"map"`` with a temperature and class-wise biases first.
     significance : float in (0, 1) or None, default=None
-        Level of the likelihood-ratio test of "no shift". When the test does
+        Level of the test of "no shift". When the test does
         not reject, the returned prior is the one the classifier predicts for
         today (no adaptation). None returns the estimate whatever the test
         says (the p-value is still in the details).
@@ -592,12 +612,15 @@ def estimate_test_prior(
     details : :class:`~sklearn.utils.Bunch`, if ``return_details``
         ``prior`` (as above), ``estimate`` (the method's estimate, before the
         test), ``null_prior`` (what the classifier predicts for today),
-        ``pvalue`` and ``shift_detected`` (the likelihood-ratio test; the
-        statistic is asymptotically chi-squared with ``n_classes - 1``
-        degrees of freedom when the posteriors are calibrated), ``interval``
-        (shape (2, n_classes): lower and upper bounds per class at
-        ``confidence``, from the observed Fisher information on the log
-        scale; NaN for ``"bbse"`` and ``"rlls"``), ``effective_rows`` (how
+        ``pvalue`` and ``shift_detected`` (the test: a Wald statistic of the
+        maximum-likelihood prior against ``null_prior``, asymptotically
+        chi-squared with ``n_classes - 1`` degrees of freedom, its covariance
+        the sample's, from the observed Fisher information at the null, plus
+        the calibration offsets' carried through EM's fixed point),
+        ``interval`` (shape (2, n_classes): lower and upper bounds per class
+        at ``confidence``, on the log scale, from the same two sources of
+        uncertainty at the estimate; NaN for ``"bbse"`` and ``"rlls"``),
+        ``effective_rows`` (how
         many labeled rows would estimate the prior as precisely), ``scale``
         and ``offset`` (the calibration: the posteriors under the source
         prior are ``softmax(scale * f + offset + log(source_prior))`` with
@@ -607,7 +630,7 @@ def estimate_test_prior(
     -----
     Everything here assumes calibrated posteriors. A scikit-learn classifier
     is read as it is (its training data are not at hand to cross-fit a
-    temperature): pass ``validation`` (BCTS) or wrap it in
+    temperature, and its calibration is taken as exact): pass ``validation`` (BCTS) or wrap it in
     :class:`~sklearn.calibration.CalibratedClassifierCV` first. A strongly
     regularised ``LogisticRegression`` (``C=0.003`` on CIFAR-10-LT
     embeddings) is under-confident enough that the test rejects "no shift"
@@ -676,7 +699,21 @@ def estimate_test_prior(
 
     scale = 1.0 / getattr(final, "calibration_temperature_", 1.0)
     offset = np.zeros(n_classes)
-    if validation is not None and calibrate and method in ("map", "em"):
+    # What is left of the miscalibration after the temperature: class offsets
+    # measured out of fold in fit, with their covariance (zero for classifiers
+    # fitted elsewhere). The offsets correct the posteriors as far as they stand
+    # out of their noise; their uncertainty widens the test and the intervals.
+    bias_covariance = np.asarray(
+        getattr(final, "calibration_bias_covariance_", np.zeros((n_classes, n_classes))),
+        dtype=np.float64,
+    )
+    bias = np.asarray(getattr(final, "calibration_bias_", np.zeros(n_classes)), dtype=np.float64)
+    bcts = validation is not None and calibrate and method in ("map", "em")
+    if bcts:  # BCTS fits its own class biases on the validation rows
+        bias_covariance = np.zeros((n_classes, n_classes))
+    else:
+        offset = bias
+    if bcts:
         from ltlearn.calibration import LongTailTemperatureScaler
 
         absent = np.setdiff1d(classes, np.unique(y_val))
@@ -720,16 +757,22 @@ def estimate_test_prior(
         alpha = pseudo_counts * n_classes * null_prior if method == "map" else np.zeros(n_classes)
         estimate = em_prior(proba, source, pseudo_counts=alpha, max_iter=max_iter, tol=tol)
 
-    # The likelihood-ratio test of "no shift" always compares the maximum-likelihood fit.
+    # The test of "no shift" compares the maximum-likelihood fit with what the
+    # classifier predicts for today, allowing for both the sample's noise and the
+    # calibration's (a Wald test, with covariances taken at the null, which stay
+    # finite when the fit rules a class out).
     mle = estimate if method == "em" else em_prior(proba, source, max_iter=max_iter, tol=tol)
-    statistic = max(2.0 * (_mixture_loglik(ratios, mle) - _mixture_loglik(ratios, null_prior)), 0)
-    pvalue = float(chi2.sf(statistic, n_classes - 1))
+    calibration = _calibration_covariance(proba, source, null_prior, bias_covariance)
+    covariance = _prior_covariance(ratios, null_prior, np.zeros(n_classes)) + calibration
+    difference = mle - null_prior
+    inverse = np.linalg.pinv(covariance, rcond=1e-10, hermitian=True)
+    pvalue = float(chi2.sf(float(difference @ inverse @ difference), n_classes - 1))
     shift_detected = significance is None or pvalue < significance
-    prior = estimate if shift_detected else null_prior
 
     if method in ("map", "em"):
-        covariance = _prior_covariance(ratios, estimate, alpha)
-        variance = np.clip(np.diag(covariance), 0.0, None)
+        sampling = np.clip(np.diag(_prior_covariance(ratios, estimate, alpha)), 0.0, None)
+        calibration = _calibration_covariance(proba, source, estimate, bias_covariance)
+        variance = sampling + np.clip(np.diag(calibration), 0.0, None)
         z = float(norm.ppf(0.5 + confidence / 2))
         # On the log scale (delta method), so that a band stays inside (0, 1].
         spread = z * np.sqrt(variance) / np.maximum(estimate, 1e-300)
@@ -737,7 +780,7 @@ def estimate_test_prior(
             interval = np.stack(
                 [estimate * np.exp(-spread), np.minimum(estimate * np.exp(spread), 1.0)]
             )
-        total_variance = variance.sum()
+        total_variance = sampling.sum()
         effective_rows = (
             float(np.sum(estimate * (1 - estimate)) / total_variance)
             if total_variance > 0
@@ -746,6 +789,7 @@ def estimate_test_prior(
     else:
         interval = np.full((2, n_classes), np.nan)
         effective_rows = float("nan")
+    prior = estimate if shift_detected else null_prior
     if not return_details:
         return prior
     return Bunch(

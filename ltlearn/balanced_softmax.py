@@ -154,6 +154,15 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     calibration_temperature_ : float
         Temperature of the balanced logits from the cross-fitting
         (``calibration_cv``); 1 without it.
+    calibration_bias_ : ndarray of shape (n_classes,)
+        Class offsets (mean zero) that calibrate the out-of-fold posteriors
+        further, after the temperature, each shrunk toward zero by its noise
+        (empirical Bayes), so that a few tail rows cannot move it; zeros
+        without the cross-fitting. Adapted predictions add them; unadapted
+        predictions never do.
+    calibration_bias_covariance_ : ndarray of shape (n_classes, n_classes)
+        Covariance of the unshrunk offsets, wide where a class has few rows.
+        ``adapt``'s test of "no shift" and its intervals allow for it.
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)

@@ -136,6 +136,59 @@ def _fit_temperature(logits, y_index, weights, bounds, fit_bias, offset=0.0):
     return float(np.exp(result.x[0])), bias - bias.mean()
 
 
+def _fit_class_bias(logits, y_index, weights, max_iter=50):
+    """Mean-zero class offsets ``b`` minimising the NLL of ``softmax(logits + b)``; and covariance.
+
+    ``logits`` may hold ``-inf`` for classes a row cannot have. ``weights``
+    count rows (frequency weights, rescaled to sum to the number of rows), so
+    the covariance, the inverse observed information restricted to mean-zero
+    offsets, is as wide as the rows are few: the tail's offsets come with
+    wide bands. Newton's method on a convex objective.
+    """
+    n_rows, n_classes = logits.shape
+    onehot = np.eye(n_classes)[y_index]
+    weights = weights * (n_rows / weights.sum())
+    # A class no row has gets no information; its offset stays 0 with zero variance.
+    seen = (weights @ onehot) > 0
+    bias = np.zeros(n_classes)
+    centre = np.eye(n_classes) - 1.0 / n_classes
+    for _ in range(max_iter):
+        p = softmax(logits + bias, axis=1)
+        grad = (weights[:, None] * (p - onehot)).sum(axis=0)
+        hessian = np.diag(weights @ p) - (weights[:, None] * p).T @ p
+        hessian = hessian[np.ix_(seen, seen)]
+        step = np.zeros(n_classes)
+        step[seen] = np.linalg.lstsq(hessian, grad[seen], rcond=None)[0]
+        bias -= step / max(1.0, np.max(np.abs(step)))  # damped: no overshoot from afar
+        bias -= bias.mean()
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    p = softmax(logits + bias, axis=1)
+    information = np.diag(weights @ p) - (weights[:, None] * p).T @ p
+    covariance = centre @ np.linalg.pinv(information, rcond=1e-10, hermitian=True) @ centre
+    return bias, covariance
+
+
+def _shrunk_bias(bias, covariance):
+    """Class offsets shrunk toward zero by how far each stands out of its noise.
+
+    Empirical Bayes (Efron & Morris, "Data Analysis Using Stein's Estimator
+    and its Generalizations", JASA 1975): offsets drawn around zero with a
+    variance ``tau2``, each measured with its own variance ``v_c`` (the
+    diagonal of ``covariance``); ``tau2`` is their excess spread by the
+    method of moments, and each offset is kept in the share ``tau2 / (tau2 +
+    v_c)``. A tail class's offset, measured on a few rows, shrinks most;
+    offsets many standard errors wide, as a head regularised too hard leaves,
+    stay almost whole, and noise alone vanishes.
+    """
+    variance = np.clip(np.diag(covariance), 0.0, None)
+    spread = max(0.0, float(np.mean(bias**2 - variance)))
+    if spread == 0.0 or not np.any(variance):
+        return np.zeros_like(bias)
+    shrunk = bias * spread / (spread + variance)
+    return shrunk - shrunk.mean()
+
+
 class LongTailTemperatureScaler(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     """Temperature scaling of a fitted classifier, weighted for a long-tailed calibration set.
 

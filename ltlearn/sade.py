@@ -237,6 +237,14 @@ class SADEClassifier(TorchHeadClassifier):
     calibration_temperature_ : float
         Temperature of the balanced logits from the cross-fitting
         (``calibration_cv``); 1 without it.
+    calibration_bias_ : ndarray of shape (n_classes,)
+        Class offsets (mean zero) that calibrate the uniform expert's
+        out-of-fold posteriors further, after the temperature, each shrunk
+        toward zero by its noise; zeros without the cross-fitting. Predictions
+        adapted by label shift add them.
+    calibration_bias_covariance_ : ndarray of shape (n_classes, n_classes)
+        Covariance of the unshrunk offsets; ``adapt``'s test of "no shift"
+        and its intervals allow for it.
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)

@@ -226,8 +226,11 @@ def test_adapt_shifts_logits_by_exactly_the_stored_prior(bs, blobs):
     model.adapt(X)
     assert model.shift_detected_
     # tau=1: the trained adjustment is log(prior), so the raw logits are the balanced
-    # ones; adapted, they are divided by the cross-fitted temperature and shifted by log(q).
-    expected = raw / model.calibration_temperature_ + np.log(model.test_prior_)
+    # ones; adapted, they are divided by the cross-fitted temperature, given the
+    # cross-fitted class offsets and shifted by log(q).
+    expected = (
+        raw / model.calibration_temperature_ + model.calibration_bias_ + np.log(model.test_prior_)
+    )
     np.testing.assert_allclose(model.decision_function(X), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(model.predict(X), bs.classes_[np.argmax(expected, axis=1)])
     # The prediction of one row does not depend on the batch around it.
@@ -283,7 +286,9 @@ def test_prl_adapt_maps_the_prior_to_a_preference(prl, blobs):
     weighted = pref * prl.r_ / (pref * prl.r_).sum()
     offsets = weighted @ prl.module_.head.shift_basis.numpy()
     balanced = prl.decision_function(X, preference=pref) - offsets
-    expected = balanced / prl.calibration_temperature_ + np.log(model.test_prior_)
+    expected = (
+        balanced / prl.calibration_temperature_ + prl.calibration_bias_ + np.log(model.test_prior_)
+    )
     np.testing.assert_allclose(model.decision_function(X), expected, atol=1e-4)
     # An explicit preference still wins for one call.
     np.testing.assert_array_equal(
@@ -353,7 +358,7 @@ def test_adapted_shift_for_a_partly_adjusted_loss(train, blobs):
     source = model.decision_function(X) + 0.5 * np.log(model.class_prior_)
     model.adapt(X)
     balanced = (source - np.log(model.class_prior_)) / model.calibration_temperature_
-    expected = balanced + np.log(model.test_prior_)
+    expected = balanced + model.calibration_bias_ + np.log(model.test_prior_)
     shift = model.decision_function(X) - expected  # a constant per row: softmax ignores it
     np.testing.assert_allclose(shift - shift[:, :1], 0, atol=1e-4)
 

@@ -10,12 +10,24 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler, PRLClassifier
-from ltlearn.adaptation import _SourceLogits, adapt, em_prior, estimate_test_prior
-from ltlearn.datasets import load_long_tailed_digits, long_tailed_subset
+from ltlearn.adaptation import (
+    _calibration_covariance,
+    _SourceLogits,
+    adapt,
+    em_prior,
+    estimate_test_prior,
+)
+from ltlearn.calibration import _fit_class_bias, _shrunk_bias
+from ltlearn.datasets import (
+    load_long_tailed_digits,
+    long_tailed_subset,
+    make_long_tailed_embeddings,
+)
 
 
 def tv(p, q):
@@ -115,6 +127,89 @@ def test_intervals_cover_a_known_prior_at_their_nominal_rate():
         covered.extend((low <= truth) & (truth <= high))
         assert 0 < details.effective_rows < 1000
     assert 0.85 <= np.mean(covered) <= 0.95
+
+
+def test_class_bias_fit_recovers_offsets_within_their_covariance():
+    rng = np.random.default_rng(0)
+    truth = np.array([0.5, -0.3, 0.0, 0.2, -0.4])
+    spreads = []
+    for n in (2000, 8000):
+        logits = 1.5 * rng.normal(size=(n, 5))
+        y = np.array([rng.choice(5, p=p) for p in softmax(logits + truth, axis=1)])
+        bias, covariance = _fit_class_bias(logits, y, np.ones(n))
+        assert abs(bias.sum()) < 1e-9
+        sd = np.sqrt(np.diag(covariance))
+        assert np.all(np.abs(bias - truth) < 4 * sd)
+        spreads.append(sd)
+    # Four times the rows, half the spread.
+    np.testing.assert_allclose(spreads[0] / spreads[1], 2.0, rtol=0.15)
+
+
+def test_calibration_covariance_is_the_em_prior_s_sensitivity_to_offsets():
+    rng = np.random.default_rng(0)
+    source = np.array([0.5, 0.3, 0.2])
+    proba = softmax(rng.normal(size=(500, 3)) + np.log(source), axis=1)
+    prior = em_prior(proba, source, max_iter=100_000, tol=1e-14)
+    for k in range(3):
+        unit = np.eye(3)[k]
+        eps = 1e-4
+        moved = [
+            em_prior(softmax(np.log(proba) + e * unit, axis=1), source, max_iter=100_000, tol=1e-14)
+            for e in (eps, -eps)
+        ]
+        column = (moved[0] - moved[1]) / (2 * eps)
+        expected = np.outer(column, column)
+        got = _calibration_covariance(proba, source, prior, np.outer(unit, unit))
+        np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    # A confident classifier's prior barely moves with its offsets.
+    confident = softmax(40 * np.eye(3)[rng.integers(0, 3, 500)], axis=1)
+    prior = em_prior(confident, source)
+    assert np.abs(_calibration_covariance(confident, source, prior, np.eye(3))).max() < 1e-10
+
+
+def test_the_no_shift_test_allows_for_a_small_tail_s_calibration():
+    """Digits seed 0: the rarest class (8 rows) misled the test into adapting a balanced set."""
+    data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
+    clf = BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(data.X_train, data.y_train)
+    sd = np.sqrt(np.diag(clf.calibration_bias_covariance_))
+    assert sd[-1] > 0.3 and clf.class_counts_[-1] == 8
+    plain = copy.copy(clf)
+    plain.calibration_bias_covariance_ = np.zeros((10, 10))  # calibration taken as exact
+    assert plain.adapt(data.X_test).shift_pvalue_ < 1e-4
+    model = copy.copy(clf).adapt(data.X_test)
+    assert model.shift_pvalue_ > 0.05 and not model.shift_detected_
+
+
+def test_shrunk_bias_drops_noise_and_keeps_offsets_that_stand_out():
+    covariance = 0.25 * (np.eye(10) - 1 / 10)
+    noise = np.random.default_rng(0).multivariate_normal(np.zeros(10), covariance)
+    np.testing.assert_allclose(_shrunk_bias(noise, covariance), 0.0, atol=0.6 * np.abs(noise).max())
+    strong = np.linspace(-3, 3, 10)
+    shrunk = _shrunk_bias(strong, covariance)
+    assert 0.9 < shrunk[0] / strong[0] < 1.0  # 3.44 / (3.44 + 0.225)
+    assert not np.any(_shrunk_bias(strong, np.zeros((10, 10))))  # unknown noise: no correction
+
+
+def test_a_head_one_temperature_cannot_calibrate_is_left_alone_on_a_balanced_set():
+    """weight_decay=1 squeezes the logits so that one temperature cannot calibrate them."""
+    X, y = make_long_tailed_embeddings(6000, 32, 10, imbalance_ratio=50, noise=2.0, random_state=0)
+    X_train, X_pool, y_train, y_pool = train_test_split(
+        X, y, test_size=0.5, stratify=y, random_state=0
+    )
+    clf = BalancedSoftmaxClassifier(random_state=0, weight_decay=1.0, max_epochs=20)
+    clf.fit(X_train, y_train)
+    balanced = long_tailed_subset(y_pool, 1, random_state=0)
+    X_bal, y_bal = X_pool[balanced], y_pool[balanced]
+    model = copy.copy(clf).adapt(X_bal)
+    assert not model.shift_detected_
+    np.testing.assert_array_equal(model.predict(X_bal), clf.predict(X_bal))
+    # Without the out-of-fold class offsets, EM reads the head's posteriors as calibrated.
+    plain = copy.copy(clf)
+    plain.calibration_bias_ = np.zeros(10)
+    plain.calibration_bias_covariance_ = np.zeros((10, 10))
+    plain.adapt(X_bal)
+    assert plain.shift_detected_
+    assert plain.score(X_bal, y_bal) < clf.score(X_bal, y_bal) - 0.03
 
 
 def test_prl_adapted_matches_balanced_softmax_adapted_on_any_shift():

@@ -105,7 +105,9 @@ def test_auto_adapt_is_map_on_the_uniform_expert(sade, draw):
     uniform_expert = sade.expert_decision_function(X)[1]
     np.testing.assert_allclose(
         model.decision_function(X),
-        uniform_expert / sade.calibration_temperature_ + np.log(model.test_prior_),
+        uniform_expert / sade.calibration_temperature_
+        + sade.calibration_bias_
+        + np.log(model.test_prior_),
         rtol=1e-5,
         atol=1e-5,
     )
