@@ -135,3 +135,5 @@ ax.legend()
 # Told the true prior, ``tau=0`` and ``tau=1`` give the same predictions: the shift
 # replaces the training prior that each logit carries (``tau * log p``) by the test
 # prior, whatever ``tau`` was.
+
+plt.show()  # a window when run as a script; nothing under a non-interactive backend

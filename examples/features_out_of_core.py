@@ -42,6 +42,7 @@ args = parser.parse_args()
 if args.rows < 1000:
     parser.error(f"--rows must be at least 1000 (10 classes, a long tail); got {args.rows}")
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -204,3 +205,5 @@ show(
 
 if workdir is not None:
     workdir.cleanup()
+
+plt.show()  # a window when run as a script; nothing under a non-interactive backend

@@ -33,6 +33,7 @@ args = parser.parse_args()
 if args.seeds < 1:
     parser.error(f"--seeds must be at least 1; got {args.seeds}")
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from ltlearn import (
@@ -158,3 +159,5 @@ for name in ("cross-entropy", "Balanced Softmax", "RIDE"):
         ax=None if display is None else display.ax_,
     )
 display.ax_.set_title("Re-balancing lifts the rarest classes")
+
+plt.show()  # a window when run as a script; nothing under a non-interactive backend

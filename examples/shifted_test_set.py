@@ -221,3 +221,5 @@ ShiftedTestSetsDisplay.from_estimator(
 )
 gain = 100 * np.mean([adapted.accuracy[t] - trained.accuracy[t] for t in trained.accuracy])
 trained.ax_.set_title(f"Adapting: {gain:+.1f} points of accuracy, averaged over the 11 test sets")
+
+plt.show()  # a window when run as a script; nothing under a non-interactive backend
