@@ -554,8 +554,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         if views is not None:
             if split is not None:
                 raise ValueError(
-                    "views need X in memory; read the split first, e.g. "
-                    "X, y = FeatureFile(path).read(split)."
+                    "views need X in memory; read the split and its views first, e.g. "
+                    "X, y, views = FeatureFile(path).read_with_views(split)."
                 )
             if not self._streamable:
                 raise ValueError(

@@ -490,17 +490,21 @@ def _check_validation(validation, classes, n_features):
     return X_val, y_val
 
 
-def _prior_covariance(ratios, prior, alpha):
-    """Asymptotic covariance of the (MAP) prior estimate, from the observed information.
+def _prior_covariance(ratios, prior):
+    """Asymptotic covariance of a prior estimate at ``prior``, from the rows' observed information.
 
     ``ratios[i, c]`` is proportional to ``p(x_i | c)``; the log-likelihood
-    ``sum_i log(ratios_i . q) + sum_c alpha_c log q_c`` is maximised on the
-    simplex, so the covariance is the inverse information projected onto
-    ``sum_c q_c = 1`` (the bordered-Hessian form).
+    ``sum_i log(ratios_i . q)`` is maximised on the simplex, so the covariance
+    is the inverse information projected onto ``sum_c q_c = 1`` (the
+    bordered-Hessian form). MAP's pseudo-counts are left out: they pull the
+    estimate toward "no shift", and bands as narrow as the pseudo-counts
+    would make them miss that pull (on validation pools of the digits and of
+    CIFAR-10, 90 % bands covered 77-86 % of classes from 30 or 100 rows with
+    them, 88-93 % without).
     """
     mix = ratios @ prior
     scaled = ratios / mix[:, None]
-    information = scaled.T @ scaled + np.diag(alpha / np.maximum(prior, 1e-300) ** 2)
+    information = scaled.T @ scaled
     inverse = np.linalg.pinv(information)
     ones = inverse.sum(axis=1)
     total = ones.sum()
@@ -619,7 +623,9 @@ def estimate_test_prior(
         the calibration offsets' carried through EM's fixed point),
         ``interval`` (shape (2, n_classes): lower and upper bounds per class
         at ``confidence``, on the log scale, from the same two sources of
-        uncertainty at the estimate; NaN for ``"bbse"`` and ``"rlls"``),
+        uncertainty at the estimate, the sample's from the rows alone, so
+        that MAP's pull toward ``null_prior`` stays inside them; NaN for
+        ``"bbse"`` and ``"rlls"``),
         ``effective_rows`` (how
         many labeled rows would estimate the prior as precisely), ``scale``
         and ``offset`` (the calibration: the posteriors under the source
@@ -750,7 +756,6 @@ def estimate_test_prior(
             estimate = rlls_prior(
                 y_index, pred_val, pred_target, n_classes, regularization=regularization
             )
-        alpha = np.zeros(n_classes)
     else:
         if method == "map" and not (isinstance(pseudo_counts, Real) and pseudo_counts >= 0):
             raise ValueError(f"pseudo_counts must be a number >= 0; got {pseudo_counts!r}.")
@@ -763,14 +768,14 @@ def estimate_test_prior(
     # finite when the fit rules a class out).
     mle = estimate if method == "em" else em_prior(proba, source, max_iter=max_iter, tol=tol)
     calibration = _calibration_covariance(proba, source, null_prior, bias_covariance)
-    covariance = _prior_covariance(ratios, null_prior, np.zeros(n_classes)) + calibration
+    covariance = _prior_covariance(ratios, null_prior) + calibration
     difference = mle - null_prior
     inverse = np.linalg.pinv(covariance, rcond=1e-10, hermitian=True)
     pvalue = float(chi2.sf(float(difference @ inverse @ difference), n_classes - 1))
     shift_detected = significance is None or pvalue < significance
 
     if method in ("map", "em"):
-        sampling = np.clip(np.diag(_prior_covariance(ratios, estimate, alpha)), 0.0, None)
+        sampling = np.clip(np.diag(_prior_covariance(ratios, estimate)), 0.0, None)
         calibration = _calibration_covariance(proba, source, estimate, bias_covariance)
         variance = sampling + np.clip(np.diag(calibration), 0.0, None)
         z = float(norm.ppf(0.5 + confidence / 2))
