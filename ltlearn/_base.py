@@ -467,18 +467,13 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
         The held-out rows are a top's validation part; see :meth:`_cross_fitted_calibration`.
         """
-        from ltlearn.calibration import _fit_class_bias, _fit_temperature, _shrunk_bias
+        from ltlearn.calibration import _calibrate_balanced_logits
 
         if len(np.unique(y_index)) < 2:
             return None
         logits = self._balanced_logits(X)
         offset = np.broadcast_to(np.log(self.class_prior_), logits.shape)
-        weights = np.ones(len(y_index))
-        temperature, _ = _fit_temperature(
-            logits, y_index, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offset
-        )
-        bias, covariance = _fit_class_bias(logits / temperature + offset, y_index, weights)
-        return temperature, _shrunk_bias(bias, covariance), covariance
+        return _calibrate_balanced_logits(logits, y_index, np.ones(len(y_index)), offset)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None, *, views=None):
@@ -759,7 +754,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         from sklearn.model_selection import StratifiedKFold
 
-        from ltlearn.calibration import _fit_class_bias, _fit_temperature, _shrunk_bias
+        from ltlearn.calibration import _calibrate_balanced_logits
 
         counts = self.class_counts_
         n_splits = min(self.calibration_cv, int(counts.max()))
@@ -798,15 +793,12 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             weights.append(sample_weight[held].astype(np.float64))
         if not logits or np.concatenate(weights).sum() <= 0:
             return None
-        logits, offsets = np.concatenate(logits), np.concatenate(offsets)
-        targets, weights = np.concatenate(targets), np.concatenate(weights)
-        temperature, _ = _fit_temperature(
-            logits, targets, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offsets
+        return _calibrate_balanced_logits(
+            np.concatenate(logits),
+            np.concatenate(targets),
+            np.concatenate(weights),
+            np.concatenate(offsets),
         )
-        with np.errstate(invalid="ignore"):  # -inf offsets stay -inf
-            calibrated = logits / temperature + offsets
-        bias, covariance = _fit_class_bias(calibrated, targets, weights)
-        return temperature, _shrunk_bias(bias, covariance), covariance
 
     def _streamed_labels(self, split, y):
         """``y`` for rows streamed from ``split``, checked; the split's labels when None."""

@@ -704,23 +704,20 @@ def estimate_test_prior(
         )
 
     scale = 1.0 / getattr(final, "calibration_temperature_", 1.0)
-    offset = np.zeros(n_classes)
     # What is left of the miscalibration after the temperature: class offsets
     # measured out of fold in fit, with their covariance (zero for classifiers
     # fitted elsewhere). The offsets correct the posteriors as far as they stand
     # out of their noise; their uncertainty widens the test and the intervals.
+    offset = np.asarray(getattr(final, "calibration_bias_", np.zeros(n_classes)), dtype=np.float64)
     bias_covariance = np.asarray(
         getattr(final, "calibration_bias_covariance_", np.zeros((n_classes, n_classes))),
         dtype=np.float64,
     )
-    bias = np.asarray(getattr(final, "calibration_bias_", np.zeros(n_classes)), dtype=np.float64)
-    bcts = validation is not None and calibrate and method in ("map", "em")
-    if bcts:  # BCTS fits its own class biases on the validation rows
-        bias_covariance = np.zeros((n_classes, n_classes))
-    else:
-        offset = bias
-    if bcts:
+    if validation is not None and calibrate and method in ("map", "em"):
+        # BCTS fits its own temperature and class biases on the validation rows.
         from ltlearn.calibration import LongTailTemperatureScaler
+
+        bias_covariance = np.zeros((n_classes, n_classes))
 
         absent = np.setdiff1d(classes, np.unique(y_val))
         if absent.size:

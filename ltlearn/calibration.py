@@ -189,6 +189,25 @@ def _shrunk_bias(bias, covariance):
     return shrunk - shrunk.mean()
 
 
+def _calibrate_balanced_logits(logits, y_index, weights, offset):
+    """Temperature, shrunk class offsets and the offsets' covariance of held-out balanced logits.
+
+    The temperature ``T`` minimises the weighted NLL of ``softmax(logits / T +
+    offset)`` (``offset``: the log prior the logits were trained for, which
+    ``T`` must not scale, ``-inf`` for a class a row cannot have); then the
+    class offsets that calibrate those posteriors further
+    (:func:`_fit_class_bias`), shrunk toward zero by their noise
+    (:func:`_shrunk_bias`).
+    """
+    temperature, _ = _fit_temperature(
+        logits, y_index, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offset
+    )
+    with np.errstate(invalid="ignore"):  # -inf offsets stay -inf
+        calibrated = logits / temperature + offset
+    bias, covariance = _fit_class_bias(calibrated, y_index, weights)
+    return temperature, _shrunk_bias(bias, covariance), covariance
+
+
 class LongTailTemperatureScaler(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     """Temperature scaling of a fitted classifier, weighted for a long-tailed calibration set.
 
