@@ -211,6 +211,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         "test_prior_effective_rows_",
         "shift_pvalue_",
         "shift_detected_",
+        "test_prior_method_",
         "_adapted_logits_",
     )
 
@@ -276,7 +277,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         (2, n_classes), lower and upper bounds at ``confidence``, default 90
         %; NaN for ``"bbse"`` and ``"rlls"``), ``test_prior_effective_rows_``
         (the number of labeled rows that would pin the prior down as
-        precisely), ``shift_pvalue_`` and ``shift_detected_``.
+        precisely), ``shift_pvalue_``, ``shift_detected_`` and
+        ``test_prior_method_`` (``method``, or ``"confusion"`` where EM's
+        estimate failed the check against ``fit``'s held-out posteriors; see
+        :func:`~ltlearn.adaptation.estimate_test_prior`).
         """
         from ltlearn.adaptation import estimate_test_prior
 
@@ -303,6 +307,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         self.test_prior_effective_rows_ = details.effective_rows
         self.shift_pvalue_ = details.pvalue
         self.shift_detected_ = details.shift_detected
+        self.test_prior_method_ = details.method
         if details.shift_detected:
             with np.errstate(divide="ignore"):  # an estimated zero rules its class out
                 log_prior = np.log(details.prior)
@@ -723,15 +728,21 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _set_calibration(self, calibration):
-        """Store ``(temperature, class bias, its covariance)``; None: calibration unknown."""
+        """Store ``(temperature, class bias, its covariance, confusion)``; None: unknown."""
         n_classes = len(self.classes_)
         if calibration is None:
-            calibration = 1.0, np.zeros(n_classes), np.zeros((n_classes, n_classes))
+            calibration = 1.0, np.zeros(n_classes), np.zeros((n_classes, n_classes)), None
         (
             self.calibration_temperature_,
             self.calibration_bias_,
             self.calibration_bias_covariance_,
+            confusion,
         ) = calibration
+        (
+            self.calibration_confusion_,
+            self.calibration_confusion_covariance_,
+            self.calibration_confusion_counts_,
+        ) = (None, None, None) if confusion is None else confusion
 
     def _cross_fitted_calibration(self, X, y, sample_weight, views):
         """Temperature of the balanced logits and the class bias left, from out-of-fold predictions.

@@ -163,6 +163,16 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
     calibration_bias_covariance_ : ndarray of shape (n_classes, n_classes)
         Covariance of the unshrunk offsets, wide where a class has few rows.
         ``adapt``'s test of "no shift" and its intervals allow for it.
+    calibration_confusion_ : ndarray of shape (n_classes, n_classes) or None
+        Row ``c``: the mean calibrated out-of-fold posterior of training rows
+        of class ``c`` (a soft confusion matrix). ``adapt`` checks EM's
+        estimate against it and falls back on it when EM's estimate does not
+        explain the test rows. None without the cross-fitting, with more than
+        100 classes, or when a class had no out-of-fold row.
+    calibration_confusion_covariance_ : ndarray of shape (n_classes, n_classes, n_classes) or None
+        The out-of-fold posteriors' covariance within each class.
+    calibration_confusion_counts_ : ndarray of shape (n_classes,) or None
+        Out-of-fold rows per class behind the two above.
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)

@@ -189,15 +189,44 @@ def _shrunk_bias(bias, covariance):
     return shrunk - shrunk.mean()
 
 
+#: Most classes for which ``fit`` keeps the within-class covariances of the
+#: held-out posteriors (``n_classes ** 3`` numbers: 8 MB at 100 classes).
+MAX_CONFUSION_CLASSES = 100
+
+
+def _posterior_confusion(posteriors, y_index, n_classes):
+    """Mean and covariance of held-out posteriors per true class, and the class counts.
+
+    Row ``c`` of the mean is what the posteriors average to over rows of class
+    ``c``: a soft confusion matrix, from which label-shift adaptation checks
+    that EM's estimate explains the test rows (see
+    :func:`ltlearn.adaptation.estimate_test_prior`). None when a class has no
+    held-out row or there are more than :data:`MAX_CONFUSION_CLASSES` classes.
+    """
+    counts = np.bincount(y_index, minlength=n_classes)
+    if n_classes > MAX_CONFUSION_CLASSES or np.any(counts == 0):
+        return None
+    means = np.stack([posteriors[y_index == c].mean(axis=0) for c in range(n_classes)])
+    covariances = np.stack(
+        [
+            np.cov(posteriors[y_index == c], rowvar=False, bias=True).reshape(n_classes, n_classes)
+            for c in range(n_classes)
+        ]
+    )
+    return means, covariances, counts
+
+
 def _calibrate_balanced_logits(logits, y_index, weights, offset):
-    """Temperature, shrunk class offsets and the offsets' covariance of held-out balanced logits.
+    """Calibration of held-out balanced logits, and the confusion of the calibrated posteriors.
 
     The temperature ``T`` minimises the weighted NLL of ``softmax(logits / T +
     offset)`` (``offset``: the log prior the logits were trained for, which
     ``T`` must not scale, ``-inf`` for a class a row cannot have); then the
     class offsets that calibrate those posteriors further
     (:func:`_fit_class_bias`), shrunk toward zero by their noise
-    (:func:`_shrunk_bias`).
+    (:func:`_shrunk_bias`). Returns ``(T, shrunk offsets, the unshrunk
+    offsets' covariance, confusion)``, the last from
+    :func:`_posterior_confusion` on the posteriors calibrated by both.
     """
     temperature, _ = _fit_temperature(
         logits, y_index, weights, bounds=(0.01, 100.0), fit_bias=False, offset=offset
@@ -205,7 +234,10 @@ def _calibrate_balanced_logits(logits, y_index, weights, offset):
     with np.errstate(invalid="ignore"):  # -inf offsets stay -inf
         calibrated = logits / temperature + offset
     bias, covariance = _fit_class_bias(calibrated, y_index, weights)
-    return temperature, _shrunk_bias(bias, covariance), covariance
+    shrunk = _shrunk_bias(bias, covariance)
+    posteriors = softmax(calibrated + shrunk, axis=1)
+    confusion = _posterior_confusion(posteriors, y_index, logits.shape[1])
+    return temperature, shrunk, covariance, confusion
 
 
 class LongTailTemperatureScaler(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):

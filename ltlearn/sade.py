@@ -245,6 +245,16 @@ class SADEClassifier(TorchHeadClassifier):
     calibration_bias_covariance_ : ndarray of shape (n_classes, n_classes)
         Covariance of the unshrunk offsets; ``adapt``'s test of "no shift"
         and its intervals allow for it.
+    calibration_confusion_ : ndarray of shape (n_classes, n_classes) or None
+        Row ``c``: the uniform expert's mean calibrated out-of-fold posterior
+        over training rows of class ``c``. ``adapt`` checks EM's estimate
+        against it and falls back on it when EM's estimate does not explain
+        the test rows. None without the cross-fitting, with more than 100
+        classes, or when a class had no out-of-fold row.
+    calibration_confusion_covariance_ : ndarray of shape (n_classes, n_classes, n_classes) or None
+        The out-of-fold posteriors' covariance within each class.
+    calibration_confusion_counts_ : ndarray of shape (n_classes,) or None
+        Out-of-fold rows per class behind the two above.
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     class_counts_ : ndarray of shape (n_classes,)
@@ -296,10 +306,14 @@ class SADEClassifier(TorchHeadClassifier):
         Number of labeled rows that would pin the test prior down as
         precisely as :meth:`adapt`'s unlabeled rows did.
     shift_pvalue_ : float
-        p-value of :meth:`adapt`'s likelihood-ratio test of "no shift".
+        p-value of :meth:`adapt`'s test of "no shift".
     shift_detected_ : bool
         Whether that test rejected "no shift" at ``significance``, so that
         predictions follow ``test_prior_``.
+    test_prior_method_ : str
+        The estimator :meth:`adapt` used: its ``method``, or ``"confusion"``
+        where EM's estimate failed the check against
+        ``calibration_confusion_``.
     aggregation_weights_ : ndarray of shape (3,)
         Weights of the (forward, uniform, backward) experts learnt by
         :meth:`adapt` with ``method="aggregation"``; absent before.

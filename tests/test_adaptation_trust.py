@@ -19,10 +19,11 @@ from ltlearn.adaptation import (
     _calibration_covariance,
     _SourceLogits,
     adapt,
+    confusion_prior,
     em_prior,
     estimate_test_prior,
 )
-from ltlearn.calibration import _fit_class_bias, _shrunk_bias
+from ltlearn.calibration import _fit_class_bias, _posterior_confusion, _shrunk_bias
 from ltlearn.datasets import (
     load_long_tailed_digits,
     long_tailed_subset,
@@ -77,6 +78,8 @@ def test_quick_start_adapt_does_not_hurt_on_its_balanced_test_set(digits_models)
         model = copy.copy(clf).adapt(data.X_test)
         losses.append(before - model.score(data.X_test, data.y_test))
         detected.append(model.shift_detected_)
+        # Calibrated posteriors: EM's estimate explains the rows, no fallback.
+        assert model.test_prior_method_ == "map"
         if not model.shift_detected_:
             np.testing.assert_array_equal(model.predict(data.X_test), clf.predict(data.X_test))
     # Seed 0 still loses a point: its rarest class (8 training rows) is miscalibrated
@@ -221,6 +224,68 @@ def test_a_head_one_temperature_cannot_calibrate_is_left_alone_on_a_balanced_set
     plain.adapt(X_bal)
     assert plain.shift_detected_
     assert plain.score(X_bal, y_bal) < clf.score(X_bal, y_bal) - 0.03
+
+
+def test_an_em_estimate_the_held_out_posteriors_contradict_gives_way_to_the_confusion():
+    """A head that neither temperature nor offsets calibrate, read on 15,000 balanced rows.
+
+    EM's estimate is then biased far from uniform (it gives 93 % to one class);
+    the mean posterior shows it, since under label shift it must be ``C^T q``
+    whatever the calibration. The confusion's estimate is less wrong, not right:
+    the folds' models (3,333 rows) are not calibrated like the final one (5,000).
+    """
+    X, y = make_long_tailed_embeddings(
+        200000, 32, 20, imbalance_ratio=50, noise=2.0, random_state=0
+    )
+    X_train, X_pool, y_train, y_pool = train_test_split(
+        X, y, train_size=5000, stratify=y, random_state=0
+    )
+    clf = BalancedSoftmaxClassifier(random_state=0, weight_decay=1.0).fit(X_train, y_train)
+    C = clf.calibration_confusion_
+    assert C.shape == (20, 20) and clf.calibration_confusion_covariance_.shape == (20, 20, 20)
+    np.testing.assert_allclose(C.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(clf.calibration_confusion_counts_, clf.class_counts_)
+    balanced = long_tailed_subset(y_pool, 1, random_state=0)
+    X_bal = X_pool[balanced]
+    uniform = np.full(20, 1 / 20)
+    details = estimate_test_prior(clf, X_bal, return_details=True)
+    assert details.method == "confusion" and details.em_check_pvalue < 0.01
+    unchecked = copy.copy(clf)
+    unchecked.calibration_confusion_ = None
+    em = estimate_test_prior(unchecked, X_bal, return_details=True)
+    assert em.method == "map" and np.isnan(em.em_check_pvalue)
+    assert tv(details.estimate, uniform) < tv(em.estimate, uniform) - 0.3  # 0.44 against 0.88
+    model = copy.copy(clf).adapt(X_bal)
+    assert model.test_prior_method_ == "confusion"
+    # 35.7 % against 7.9 % (unadapted: 40.5 %).
+    assert model.score(X_bal, y_pool[balanced]) > unchecked.adapt(X_bal).score(
+        X_bal, y_pool[balanced]
+    ) + 0.2
+
+
+def test_confusion_prior_solves_the_mean_posterior_equation():
+    rng = np.random.default_rng(0)
+    C = rng.dirichlet(np.full(6, 0.3), size=6) + 2 * np.eye(6)
+    C /= C.sum(axis=1, keepdims=True)
+    q = rng.dirichlet(np.ones(6))
+    np.testing.assert_allclose(confusion_prior(C.T @ q, C), q, atol=1e-6)
+    q[2] = 0  # an absent class: the estimate stays on the simplex, not below it
+    q /= q.sum()
+    noisy = C.T @ q + rng.normal(0, 0.01, 6)
+    estimate = confusion_prior(noisy, C)
+    assert np.all(estimate >= 0) and np.isclose(estimate.sum(), 1.0)
+    assert tv(estimate, q) < 0.05
+
+
+def test_posterior_confusion_is_kept_for_up_to_100_classes():
+    rng = np.random.default_rng(0)
+    for n_classes, kept in ((100, True), (101, False)):
+        y = np.repeat(np.arange(n_classes), 3)
+        posteriors = rng.dirichlet(np.ones(n_classes), size=len(y))
+        confusion = _posterior_confusion(posteriors, y, n_classes)
+        assert (confusion is not None) is kept
+    # A class without held-out rows leaves C undefined.
+    assert _posterior_confusion(posteriors[:6], np.array([0, 0, 1, 1, 2, 2]), 4) is None
 
 
 def test_prl_adapted_matches_balanced_softmax_adapted_on_any_shift():
