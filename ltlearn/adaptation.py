@@ -725,9 +725,9 @@ def estimate_test_prior(
     fix, and the estimate becomes the least-squares solution of ``C^T q =
     mean`` (:func:`confusion_prior`, with ``"map"``'s pseudo-counts), tested
     against ``null_prior`` by the same statistic. On calibrated heads the
-    check almost never fires; on a head that offsets cannot calibrate it
-    turns a 4-point loss on a balanced set of 30,000 rows into a 13-point gain
-    (``docs/benchmarks.md``).
+    check almost never fires; on a synthetic head that offsets cannot
+    calibrate, read on a balanced set of 29,000 rows, it turned a 4-point loss
+    into a 23-point gain (``docs/benchmarks.md``).
 
     Otherwise everything here assumes calibrated posteriors. A scikit-learn classifier
     is read as it is (its training data are not at hand to cross-fit a
