@@ -41,7 +41,7 @@ from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
 from ltlearn.top_stage import CHUNK as TOP_CHUNK
-from ltlearn.top_stage import TopStage, fit_top_stage
+from ltlearn.top_stage import TopStage, _in_chunks, fit_top_stage
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -154,6 +154,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         ``n_steps`` is the number of optimizer steps ahead, for losses that
         change during training (deferred re-weighting).
         """
+
+    #: Whether :meth:`_fit_second_stage` trains anything (with a top, it needs the embeddings).
+    _has_second_stage = False
 
     def _fit_second_stage(self, trained, Z, y, train, generator):
         """A later training stage on the normalised features ``Z``; returns the module to keep.
@@ -407,6 +410,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         Returns the trained module, the criterion and the held-out rows.
         """
         module, criterion, held, record = fit_top_stage(self, X, y_t, w_t, prior, generator, device)
+        if self._has_second_stage:
+            # The later stage trains on the fitted top's embeddings, as on an embedding file.
+            rows = torch.as_tensor(np.setdiff1d(np.arange(len(X)), held))
+            Z = _in_chunks(module.embed, _float_tensor(X)[rows], device)
+            schedule = _resolve_schedule(
+                self.lr, self.batch_size, self.max_epochs, len(rows), Z.shape[-1]
+            )
+            train = self._trainer(Z, y_t[rows], w_t[rows], schedule, device, generator)
+            module.head = self._fit_second_stage(module.head, Z, y_t[rows], train, generator)
+        module.head = self._prediction_module(module.head)
         # Balanced accuracy on the held-out rows (higher is better), the probe's first;
         # None when nothing was validated: no fine-tuning, or no rows held out.
         self.validation_scores_ = record["validation_scores"]
@@ -669,39 +682,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         module = self._make_module(X.shape[1], n_classes, prior, generator, n_steps)
         validation = None if held is None else self._balanced_loss(criterion, *held_out, device)
 
-        def train(
-            module, criterion, *, balanced_sampling=balanced_sampling, desc=None, rows=None, **kw
-        ):
-            # The loop with this estimator's settings: every stage trains alike.
-            # ``rows`` restricts it to a subset (e.g. to hold some rows out).
-            settings = dict(
-                optimizer=self.optimizer,
-                lr=lr,
-                weight_decay=self.weight_decay,
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                lr_schedule=self.lr_schedule,
-            )
-            settings.update(kw)
-            inputs, targets, weights = Z, y_t, w_t
-            if rows is not None:
-                rows = torch.as_tensor(rows)
-                inputs, targets, weights = Z[rows], y_t[rows], w_t[rows]
-            return fit_module(
-                module,
-                criterion,
-                inputs,
-                targets,
-                sample_weight=weights,
-                balanced_sampling=balanced_sampling,
-                device=device,
-                generator=generator,
-                verbose=self.verbose,
-                desc=desc or type(self).__name__,
-                views=views is not None,
-                **settings,
-            )
-
+        train = self._trainer(
+            Z, y_t, w_t, (lr, batch_size, max_epochs), device, generator, views=views is not None
+        )
         record = {}
         stopping = validation is not None
         self.history_ = self.loss_curve_ = train(
@@ -726,6 +709,48 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             else self._cross_fitted_calibration(X, y, sample_weight, views)
         )
         return self
+
+    def _trainer(self, Z, y_t, w_t, schedule, device, generator, views=False):
+        """``train(module, criterion, ...)``: the shared loop on these rows with this estimator's
+        settings, so that every stage trains alike; see :meth:`_fit_second_stage`.
+
+        ``schedule`` is the resolved ``(lr, batch_size, max_epochs)``; ``rows``
+        restricts a call to a subset (e.g. to hold some rows out), and keyword
+        settings override the estimator's.
+        """
+        lr, batch_size, max_epochs = schedule
+        balanced = getattr(self, "balanced_sampling", False)
+
+        def train(module, criterion, *, balanced_sampling=balanced, desc=None, rows=None, **kw):
+            settings = dict(
+                optimizer=self.optimizer,
+                lr=lr,
+                weight_decay=self.weight_decay,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr_schedule=self.lr_schedule,
+            )
+            settings.update(kw)
+            inputs, targets, weights = Z, y_t, w_t
+            if rows is not None:
+                rows = torch.as_tensor(rows)
+                inputs, targets, weights = Z[rows], y_t[rows], w_t[rows]
+            return fit_module(
+                module,
+                criterion,
+                inputs,
+                targets,
+                sample_weight=weights,
+                balanced_sampling=balanced_sampling,
+                device=device,
+                generator=generator,
+                verbose=self.verbose,
+                desc=desc or type(self).__name__,
+                views=views,
+                **settings,
+            )
+
+        return train
 
     def _set_calibration(self, calibration):
         """Store ``(temperature, class bias, its covariance, confusion)``; None: unknown."""

@@ -45,13 +45,14 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from torch.nn import functional as F
 
 from ltlearn._base import TorchHeadClassifier
 from ltlearn.heads import init_linear
 from ltlearn.losses import LDAMLoss, LogitAdjustedLoss, RIDELoss
+from ltlearn.top_stage import TopStage
 
 __all__ = ["ExpertRouter", "RIDEClassifier", "RIDENetwork"]
 
@@ -111,10 +112,15 @@ class RIDENetwork(nn.Module):
         )
 
     def features(self, z):
-        """Each expert's input features, shape (n_experts, n_samples, n_features)."""
+        """Each expert's input features, shape (n_experts, n_samples, n_features).
+
+        ``z`` is (n_samples, n_features), shared by the experts, or
+        (n_samples, n_experts, n_features), each expert's own (its own top stage).
+        """
+        own = z.transpose(0, 1) if z.ndim == 3 else z.unsqueeze(0).expand(self.n_experts, *z.shape)
         if self.adapters is None:
-            return z.unsqueeze(0).expand(self.n_experts, *z.shape)
-        return torch.stack([z + adapter(z) for adapter in self.adapters])
+            return own
+        return torch.stack([x + adapter(x) for x, adapter in zip(own, self.adapters, strict=True)])
 
     def forward(self, z):
         """Logits of shape (n_experts, n_samples, n_classes)."""
@@ -246,6 +252,14 @@ class RIDEClassifier(TorchHeadClassifier):
         features the experts can only diverge by degrading. The default leaves
         it off.
     diversity_temperature : float, default=1.0
+    head : "linear" or TopStage, default="linear"
+        The experts' heads over shared features, or, with a
+        :class:`~ltlearn.top_stage.TopStage` and activations cached at a cut
+        (``extract(..., cut=...)``), each expert with its own copy of the
+        backbone's top stage (or of its last part:
+        ``TopStage(experts="head")``), as the paper's experts own the later
+        stages of a shared network. The router then reads each expert's own
+        embedding.
     adapter_size : int or None, default=64
         Hidden width of a residual adapter in front of each expert's head;
         None for plain heads (linear heads on the same features converge to
@@ -305,6 +319,7 @@ random_state, verbose
         "loss": [StrOptions(set(LOSSES))],
         "diversity": [Real],
         "diversity_temperature": [Interval(Real, 0, None, closed="neither")],
+        "head": [StrOptions({"linear"}), TopStage],
         "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
         "router_threshold": [Interval(Real, 0, 1, closed="both")],
         "router_pos_weight": [Interval(Real, 0, None, closed="neither")],
@@ -320,6 +335,7 @@ random_state, verbose
         loss="balanced_softmax",
         diversity=0.0,
         diversity_temperature=1.0,
+        head="linear",
         adapter_size=64,
         router_threshold=0.5,
         router_pos_weight=20.0,
@@ -344,6 +360,7 @@ random_state, verbose
         self.loss = loss
         self.diversity = diversity
         self.diversity_temperature = diversity_temperature
+        self.head = head
         self.adapter_size = adapter_size
         self.router_threshold = router_threshold
         self.router_pos_weight = router_pos_weight
@@ -363,6 +380,10 @@ random_state, verbose
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+
+    @property
+    def _n_tops(self):
+        return self.n_experts
 
     def _make_criterion(self, class_prior, n_steps):
         if self.loss == "ldam_drw":
@@ -394,11 +415,13 @@ random_state, verbose
             generator=generator,
         )
 
+    _has_second_stage = True
+
     def _fit_second_stage(self, trained, Z, y, train, generator):
         for p in trained.parameters():
             p.requires_grad_(False)
         n_classes = len(self.classes_)
-        router = ExpertRouter(Z.shape[1], self.n_experts, min(5, n_classes), 16, generator)
+        router = ExpertRouter(Z.shape[-1], self.n_experts, min(5, n_classes), 16, generator)
         self.router_history_ = []
         if self.n_experts > 1:
             # A few epochs: a small problem on fixed experts. Shuffled batches, not the
@@ -424,8 +447,7 @@ random_state, verbose
 
     def _scores(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        return self._routed(X)[0]
+        return self._routed(self._validate(X))[0]
 
     def n_experts_used(self, X):
         """How many experts the router used for each row (at ``router_threshold``).
@@ -439,5 +461,4 @@ random_state, verbose
         counts : ndarray of shape (n_samples,)
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        return self._routed(X)[1].astype(np.int64)
+        return self._routed(self._validate(X))[1].astype(np.int64)

@@ -8,7 +8,7 @@ import torch
 from sklearn.base import clone
 from torch.utils.data import TensorDataset
 
-from ltlearn import BalancedSoftmaxClassifier, SADEClassifier
+from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.exceptions import LtlearnError
 from ltlearn.features import FeatureFile, extract, merge
@@ -278,6 +278,29 @@ def test_cosine_experts_with_their_own_tops_end_different_linear_ones_cannot():
         gaps[expert_head] = max(float((first[0] - w).abs().max()) for w in first[1:])
     assert gaps["linear"] < 1e-5
     assert gaps["cosine"] > 1e-2
+
+
+def test_ride_experts_own_their_tops_and_the_router_reads_them():
+    X, y = activations(800)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    clf = RIDEClassifier(
+        head=TopStage(top=two_layer_top(), epochs=2, lr=3e-3, validation_fraction=0),
+        router_threshold=0.2,
+        random_state=0,
+    ).fit(X[keep], y[keep])
+    module = clf.module_.head
+    assert len(module.tops) == 3
+    # Experts start from different random heads, so their own tops train apart.
+    first = [next(t.parameters()).detach() for t in module.tops]
+    assert max(float((first[0] - w).abs().max()) for w in first[1:]) > 1e-3
+    assert type(module.head).__name__ == "RoutedExperts" and len(clf.router_history_) == 5
+    used = clf.n_experts_used(X)
+    assert used.min() >= 1 and used.max() <= 3
+    assert clf.score(X, y) > 0.5
+    reloaded = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_allclose(reloaded.predict_proba(X[:5]), clf.predict_proba(X[:5]), atol=1e-6)
+    with pytest.raises(ValueError, match="rows of shape"):
+        clf.predict(X[:, :3])
 
 
 def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsys):
