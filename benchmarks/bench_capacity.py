@@ -8,7 +8,8 @@ the long-tailed training images and the test images, once (cached under
   times are ratios to it) with post-hoc logit adjustment;
 - ``BalancedSoftmaxClassifier()`` on the frozen embedding (``../shared``'s file);
 - ``BalancedSoftmaxClassifier(head=TopStage())`` on the activations;
-- ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``).
+- ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``);
+- ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``).
 
 It prints uniform accuracy, head / middle / tail accuracy (3 / 4 / 3 classes by training
 size), ECE, the 11-set test-agnostic mean with ``adapt()``, fit time; then the extraction
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ltlearn import BalancedSoftmaxClassifier, SADEClassifier
+from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.features import FeatureFile, extract
 from ltlearn.features.sources import ImageFolderSource
@@ -123,13 +124,14 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--cut", default="model._blocks.14")
     parser.add_argument("--sade", action="store_true", help="also fit SADE with per-expert tops")
+    parser.add_argument("--ride", action="store_true", help="also fit RIDE with per-expert tops")
     parser.add_argument("--experts", default="head", choices=["all", "head"])
     parser.add_argument(
         "--expert-head", default="cosine", choices=["linear", "cosine"], help="SADE's experts"
     )
     parser.add_argument(
         "--train",
-        nargs="+",
+        nargs="*",
         default=["all", "last"],
         choices=["all", "last"],
         help="TopStage(train=...) variants of BalancedSoftmax",
@@ -193,6 +195,16 @@ def main():
                         A_test,
                     )
                 )
+            if args.ride:
+                models.append(
+                    (
+                        f"RIDE, TopStage(experts={args.experts!r})",
+                        RIDEClassifier,
+                        {"head": TopStage(cut=args.cut, experts=args.experts)},
+                        A_train,
+                        A_test,
+                    )
+                )
             for name, cls, params, X_fit, X_eval in models:
                 start = time.perf_counter()
                 model = cls(random_state=seed, **params).fit(X_fit, y_train)
@@ -206,6 +218,14 @@ def main():
                 )
                 rows_out.append(row)
                 print(row, flush=True)
+                if cls is RIDEClassifier:
+                    print(
+                        "  experts used per test row:",
+                        float(model.n_experts_used(X_eval).mean()),
+                        "(3 at router_threshold=0:",
+                        f"{model.set_params(router_threshold=0).score(X_eval, y_test):.4f})",
+                    )
+                    model.set_params(router_threshold=0.5)
                 if cls is SADEClassifier:
                     tops = model.module_.head.tops
                     first = [next(t.parameters()).detach() for t in tops]
