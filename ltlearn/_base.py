@@ -155,9 +155,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         change during training (deferred re-weighting).
         """
 
-    #: Whether :meth:`_fit_second_stage` trains anything (with a top, it needs the embeddings).
-    _has_second_stage = False
-
     def _fit_second_stage(self, trained, Z, y, train, generator):
         """A later training stage on the normalised features ``Z``; returns the module to keep.
 
@@ -410,10 +407,11 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         Returns the trained module, the criterion and the held-out rows.
         """
         module, criterion, held, record = fit_top_stage(self, X, y_t, w_t, prior, generator, device)
-        if self._has_second_stage:
+        if type(self)._fit_second_stage is not TorchHeadClassifier._fit_second_stage:
             # The later stage trains on the fitted top's embeddings, as on an embedding file.
             rows = torch.as_tensor(np.setdiff1d(np.arange(len(X)), held))
-            Z = _in_chunks(module.embed, _float_tensor(X)[rows], device)
+            Z = _in_chunks(module.to(device).embed, _float_tensor(X)[rows], device)
+            module.cpu()
             schedule = _resolve_schedule(
                 self.lr, self.batch_size, self.max_epochs, len(rows), Z.shape[-1]
             )

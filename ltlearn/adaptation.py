@@ -696,15 +696,18 @@ def estimate_test_prior(
         maximum-likelihood prior against ``null_prior``, asymptotically
         chi-squared with ``n_classes - 1`` degrees of freedom, its covariance
         the sample's, from the observed Fisher information at the null, plus
-        the calibration offsets' carried through EM's fixed point),
-        ``method`` (the estimator used: ``method``, or ``"confusion"`` where
-        EM's estimate failed the check below), ``em_check_pvalue`` (NaN when
-        no check ran),
+        the calibration offsets' carried through EM's fixed point; in the
+        ``"confusion"`` case, the moment statistic of the Notes at
+        ``null_prior``), ``method`` (the estimator used: ``method``, or
+        ``"confusion"`` where EM's estimate failed the check in the Notes),
+        ``em_check_pvalue`` (NaN when no check ran),
         ``interval`` (shape (2, n_classes): lower and upper bounds per class
         at ``confidence``, on the log scale, from the same two sources of
         uncertainty at the estimate, the sample's from the rows alone, so
-        that MAP's pull toward ``null_prior`` stays inside them; NaN for
-        ``"bbse"`` and ``"rlls"``),
+        that MAP's pull toward ``null_prior`` stays inside them; in the
+        ``"confusion"`` case, the least-squares solution's by the delta
+        method; from 0 for a class estimated at 0; NaN for ``"bbse"`` and
+        ``"rlls"``),
         ``effective_rows`` (how
         many labeled rows would estimate the prior as precisely), ``scale``
         and ``offset`` (the calibration: the posteriors under the source
@@ -897,6 +900,8 @@ def estimate_test_prior(
                 )
                 pvalue = _moment_pvalue(mean, confusion, null_prior, len(X))
                 shift_detected = significance is None or pvalue < significance
+                # The least-squares solution's own variance, as EM's comes from the rows
+                # alone: bands narrowed by the pseudo-counts would miss their pull.
                 solve = np.linalg.pinv(confusion[0].T)
                 sampling = np.clip(
                     np.diag(
@@ -909,10 +914,17 @@ def estimate_test_prior(
         z = float(norm.ppf(0.5 + confidence / 2))
         # On the log scale (delta method), so that a band stays inside (0, 1].
         spread = z * np.sqrt(variance) / np.maximum(estimate, 1e-300)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             interval = np.stack(
                 [estimate * np.exp(-spread), np.minimum(estimate * np.exp(spread), 1.0)]
             )
+        # A class estimated at zero (plain EM or least squares): from 0 up by the
+        # band's width on the linear scale, where the log scale has no width.
+        zero = estimate <= 0
+        interval[:, zero] = [
+            np.zeros(zero.sum()),
+            np.minimum(z * np.sqrt(variance[zero]), 1.0),
+        ]
         total_variance = sampling.sum()
         effective_rows = (
             float(np.sum(estimate * (1 - estimate)) / total_variance)

@@ -207,9 +207,13 @@ def _posterior_confusion(posteriors, y_index, n_classes):
     if n_classes > MAX_CONFUSION_CLASSES or np.any(counts == 0):
         return None
     means = np.stack([posteriors[y_index == c].mean(axis=0) for c in range(n_classes)])
+    # Unbiased (a tail of a few rows would otherwise look less noisy than it is);
+    # a class of one row has no spread to measure.
     covariances = np.stack(
         [
-            np.cov(posteriors[y_index == c], rowvar=False, bias=True).reshape(n_classes, n_classes)
+            np.cov(posteriors[y_index == c], rowvar=False).reshape(n_classes, n_classes)
+            if counts[c] > 1
+            else np.zeros((n_classes, n_classes))
             for c in range(n_classes)
         ]
     )

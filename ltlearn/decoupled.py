@@ -196,8 +196,6 @@ random_state, verbose
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):
         return _unbiased_linear(n_features, n_classes)
 
-    _has_second_stage = True
-
     def _fit_second_stage(self, trained, Z, y, train, generator):
         prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
         balanced = LogitAdjustedLoss(prior, tau=0.0)

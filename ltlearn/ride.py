@@ -16,12 +16,14 @@ Distribution-Aware Experts" (ICLR 2021).
   the next expert while that probability exceeds ``router_threshold``.
 
 What changed on frozen features: the paper's experts share the early layers
-of a network and own its later ones; here the backbone is frozen, so an
-expert is a head on the shared embedding, optionally behind its own small
-residual adapter (``adapter_size``) so that experts can differ beyond a linear
-map. Calling an expert costs a matrix product here, not a network's later
-stages, so the router saves little time on frozen features; it is kept for
-the paper's accuracy-versus-experts trade-off.
+of a network and own its later ones; on an embedding file the backbone is
+frozen, so an expert is a head on the shared embedding, optionally behind its
+own small residual adapter (``adapter_size``) so that experts can differ
+beyond a linear map. On activations cached at a cut, ``head=TopStage(...)``
+gives each expert its own copy of the backbone's top stage, as in the paper.
+Calling an expert on an embedding costs a matrix product, not a network's
+later stages, so the router saves little time there; it is kept for the
+paper's accuracy-versus-experts trade-off.
 
 Where this departs from the reference code, and why:
 
@@ -61,7 +63,7 @@ ROUTER_EPOCHS = 5
 
 
 class RIDENetwork(nn.Module):
-    """``n_experts`` heads on shared features, each optionally behind a residual adapter.
+    """``n_experts`` heads on shared (or their own) features, each optionally behind an adapter.
 
     Expert ``i`` computes ``head_i(z + B_i relu(A_i z))`` (without adapters,
     ``head_i(z)``); heads are linear, or cosine with a scale (for LDAM).
@@ -414,8 +416,6 @@ random_state, verbose
             adapter_size=self.adapter_size,
             generator=generator,
         )
-
-    _has_second_stage = True
 
     def _fit_second_stage(self, trained, Z, y, train, generator):
         for p in trained.parameters():

@@ -335,8 +335,6 @@ random_state, verbose
             generator=generator,
         )
 
-    _has_second_stage = True
-
     def _fit_second_stage(self, trained, Z, y, train, generator):
         for p in trained.parameters():
             p.requires_grad_(False)

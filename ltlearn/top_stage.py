@@ -113,12 +113,13 @@ class TopStageModule(nn.Module):
 class TopStage(BaseEstimator):
     """The backbone's top, trained with the classifier on activations cached at a cut.
 
-    Pass it as the ``head`` of :class:`~ltlearn.BalancedSoftmaxClassifier`
-    or :class:`~ltlearn.SADEClassifier`, and fit on the activations of
-    ``extract(..., cut=cut)`` (``FeatureFile.read`` returns them as
-    ``(n, C, H, W)``). The estimator's own settings (``lr``, ``max_epochs``,
-    ``normalize`` ...) fit its head on the frozen top's embeddings first; the
-    settings here then fine-tune top and head together.
+    Pass it as the ``head`` of :class:`~ltlearn.BalancedSoftmaxClassifier`,
+    :class:`~ltlearn.SADEClassifier` or :class:`~ltlearn.RIDEClassifier`,
+    and fit on the activations of ``extract(..., cut=cut)``
+    (``FeatureFile.read`` returns them as ``(n, C, H, W)``). The estimator's
+    own settings (``lr``, ``max_epochs``, ``normalize`` ...) fit its head on
+    the frozen top's embeddings first; the settings here then fine-tune top
+    and head together.
 
     Parameters
     ----------

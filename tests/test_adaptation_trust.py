@@ -14,9 +14,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler, PRLClassifier
+from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler, PRLClassifier, adaptation
 from ltlearn.adaptation import (
     _calibration_covariance,
+    _mean_posterior_covariance,
     _SourceLogits,
     adapt,
     confusion_prior,
@@ -285,7 +286,44 @@ def test_posterior_confusion_is_kept_for_up_to_100_classes():
         confusion = _posterior_confusion(posteriors, y, n_classes)
         assert (confusion is not None) is kept
     # A class without held-out rows leaves C undefined.
-    assert _posterior_confusion(posteriors[:6], np.array([0, 0, 1, 1, 2, 2]), 4) is None
+    posteriors = rng.dirichlet(np.ones(4), size=6)
+    assert _posterior_confusion(posteriors, np.array([0, 0, 1, 1, 2, 2]), 4) is None
+    assert _posterior_confusion(posteriors, np.array([0, 0, 1, 1, 2, 3]), 4) is not None
+
+
+def test_mean_posterior_covariance_matches_sampling():
+    """The covariance of the mean posterior of n rows drawn with class prior q, by simulation."""
+    rng = np.random.default_rng(0)
+    n_classes, per_class = 4, 4000
+    concentrations = 1.0 + 6.0 * np.eye(n_classes)  # class c's posteriors lean toward c
+    y = np.repeat(np.arange(n_classes), per_class)
+    posteriors = np.concatenate([rng.dirichlet(a, size=per_class) for a in concentrations])
+    confusion = _posterior_confusion(posteriors, y, n_classes)
+    q, n_rows = np.array([0.5, 0.3, 0.15, 0.05]), 50
+    means = []
+    for _ in range(4000):
+        labels = rng.choice(n_classes, n_rows, p=q)
+        means.append(
+            np.mean([rng.dirichlet(concentrations[c]) for c in labels], axis=0)
+        )
+    simulated = np.cov(np.array(means), rowvar=False)
+    model = _mean_posterior_covariance(confusion, n_rows, q)
+    # The model adds C's own noise (4,000 rows a class): small beside the sample's.
+    np.testing.assert_allclose(model, simulated, atol=0.06 * np.abs(simulated).max())
+    np.testing.assert_allclose(confusion[0].T @ q, np.mean(means, axis=0), atol=3e-3)
+
+
+def test_a_class_the_confusion_estimate_rules_out_keeps_a_finite_band(monkeypatch):
+    data = load_long_tailed_digits(imbalance_ratio=10, random_state=0)
+    clf = BalancedSoftmaxClassifier(device="cpu", random_state=0).fit(data.X_train, data.y_train)
+    rows = np.flatnonzero(data.y_test != 3)
+    monkeypatch.setattr(adaptation, "EM_CHECK_LEVEL", 1.0)  # the fallback runs whatever EM says
+    details = estimate_test_prior(clf, data.X_test[rows], method="em", return_details=True)
+    assert details.method == "confusion"
+    assert np.all(np.isfinite(details.interval))
+    low, high = details.interval
+    assert np.all(low <= details.estimate) and np.all(details.estimate <= high)
+    assert details.estimate[3] < 0.02 and low[3] == 0.0
 
 
 def test_prl_adapted_matches_balanced_softmax_adapted_on_any_shift():
