@@ -16,11 +16,18 @@ size), ECE, the 11-set test-agnostic mean with ``adapt()``, fit time; then the e
 rate against the bare forward pass of the same exported graph, and the cache size.
 Every choice inside a fit (the epoch kept) is made on held-out training rows.
 
+``--validation-pool`` never reads the test set: it is the protocol on which TopStage's
+settings are chosen. It fits on the long-tailed training rows and scores a balanced pool of
+500 training images per class drawn outside them (a class with fewer outside, the head
+class at IR 100, gives its 500 from its own rows, which then leave the fit), after the
+probe and after every fine-tuning epoch of each TopStage variant (``--variants``, JSON).
+
 Run: ``python benchmarks/bench_capacity.py [--imbalance-ratios 100] [--seeds 0] [--sade]``
 (``--help`` lists the variants).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier
+from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier, _training
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.features import FeatureFile, extract
 from ltlearn.features.sources import ImageFolderSource
@@ -118,6 +125,127 @@ def evaluate(name, model, X_test, y_test, fit_seconds, lr_seconds, adapt=True):
     }
 
 
+POOL_PER_CLASS = 500
+DEFAULT_VARIANTS = (
+    '[{}, {"epochs": 3}, {"epochs": 8, "lr": 1e-3}, {"train": "all", "lr": 5e-4}, '
+    '{"validation_fraction": 0}, {"mixup": 0.2}]'
+)
+
+
+def pool_rows(labels, keep, seed):
+    """Balanced validation rows outside ``keep``; rows of ``keep`` that must leave the fit."""
+    rng = np.random.default_rng([seed, 123])
+    outside = np.setdiff1d(np.arange(len(labels)), keep)
+    pool, taken = [], []
+    for c in np.unique(labels):
+        others = outside[labels[outside] == c]
+        if len(others) >= POOL_PER_CLASS:
+            pool.append(rng.choice(others, POOL_PER_CLASS, replace=False))
+        else:
+            taken.append(
+                rng.choice(np.flatnonzero(labels[keep] == c), POOL_PER_CLASS, replace=False)
+            )
+    return np.sort(np.concatenate(pool)), np.sort(np.concatenate(taken or [np.empty(0, int)]))
+
+
+class PoolScores:
+    """Scores the fine-tuned module on the pool each time TopStage's fit validates it.
+
+    Wraps the training core's ``fit_module`` for the duration of one fit: the validation
+    callable TopStage passes is wrapped so that each epoch's module also predicts the
+    pool's activations (passed through the frozen part of the top, as the fit's are).
+    """
+
+    def __init__(self, pool_inputs, y_pool):
+        self.pool_inputs, self.y_pool, self.curve = pool_inputs, y_pool, []
+
+    def __enter__(self):
+        self.original = _training.fit_module
+
+        def fit_module(module, *args, validation=None, **kwargs):
+            if validation is not None:
+                inner = validation
+
+                def validation(trained):
+                    held = 1.0 - inner(trained)
+                    with torch.no_grad():
+                        logits = torch.cat([trained(x) for x in self.pool_inputs.split(256)])
+                    pool = float((logits.argmax(1).numpy() == self.y_pool).mean())
+                    self.curve.append((held, pool))
+                    return 1.0 - held
+
+            return self.original(module, *args, validation=validation, **kwargs)
+
+        _training.fit_module = fit_module
+        return self
+
+    def __exit__(self, *exc):
+        _training.fit_module = self.original
+
+
+def validation_pool(args, train_labels, ratio, seed):
+    """TopStage variants scored epoch by epoch on a balanced pool of training images."""
+    keep = np.sort(long_tailed_subset(train_labels, ratio, random_state=seed))
+    pool, leave = pool_rows(train_labels, keep, seed)
+    stem = f"capacity_{args.cut.replace('.', '_')}_ir{ratio:g}_s{seed}"
+    extract_cut(args.cut, keep, RESULTS / f"{stem}.h5")
+    pool_path = RESULTS / f"{stem}_pool.h5"
+    source = ImageFolderSource(SHARED / "cifar10-train-jpg.zip")
+    extract(
+        Rows(source, pool),
+        "efficientnet-lite0",
+        pool_path,
+        split="pool",
+        cut=args.cut,
+        verbose=False,
+    )
+    with FeatureFile(RESULTS / f"{stem}.h5") as f:
+        A, y = f.read("train")
+        ids = np.asarray(f.ids("train"))
+    with FeatureFile(pool_path) as f:
+        P, y_pool = f.read("pool")
+        pool_ids = np.asarray(f.ids("pool"))
+    fit = np.ones(len(y), bool)
+    fit[np.searchsorted(keep, leave)] = False
+    P = np.concatenate([P, A[~fit]])
+    y_pool = np.concatenate([y_pool, y[~fit]])
+    pool_ids = np.concatenate([pool_ids, ids[~fit]])
+    A, y, ids = A[fit], y[fit], ids[fit]
+    E, _ = embeddings_by_id(ids, "train")
+    E_pool, _ = embeddings_by_id(pool_ids, "train")
+    frozen = BalancedSoftmaxClassifier(random_state=seed).fit(E, y)
+    rows = [
+        ("BalancedSoftmax, frozen embedding", "-", 100 * frozen.score(E_pool, y_pool), "-", "-")
+    ]
+    print(f"IR {ratio:g} seed {seed}: fit on {len(y)} rows, pool {len(y_pool)} rows", flush=True)
+    print(rows[0], flush=True)
+    P_t = torch.as_tensor(np.asarray(P, dtype=np.float32))
+    for variant in json.loads(args.variants):
+        stage = TopStage(cut=args.cut, **variant)
+        shared = stage.build(A.shape[1:])[0] if stage.train == "last" else torch.nn.Identity()
+        with torch.no_grad():
+            inputs = torch.cat([shared(x) for x in P_t.split(256)])
+        start = time.perf_counter()
+        with PoolScores(inputs, y_pool) as scores:
+            model = BalancedSoftmaxClassifier(head=stage, random_state=seed).fit(A, y)
+        seconds = time.perf_counter() - start
+        curve = " / ".join(f"{100 * pool:.2f}" for _, pool in scores.curve) or "-"
+        row = (
+            f"TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())})",
+            curve,
+            100 * model.score(P, y_pool),
+            model.best_epoch_,
+            f"{seconds:.0f}",
+        )
+        rows.append(row)
+        held = [round(100 * h, 2) for h, _ in scores.curve]
+        print(row, f"held-out balanced: {held}", flush=True)
+    print("\n| seed | model | pool accuracy, probe / epoch 1 / ... | kept | epoch kept | fit s |")
+    print("|---|---|---|---|---|---|")
+    for name, curve, kept, epoch, seconds in rows:
+        print(f"| {seed} | {name} | {curve} | {kept:.2f} | {epoch} | {seconds} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--imbalance-ratios", type=float, nargs="+", default=[100.0])
@@ -139,11 +267,24 @@ def main():
     parser.add_argument(
         "--skip-frozen", action="store_true", help="only the models with a trainable top"
     )
+    parser.add_argument(
+        "--validation-pool",
+        action="store_true",
+        help="score TopStage variants on training images outside the long-tailed set, not test",
+    )
+    parser.add_argument(
+        "--variants", default=DEFAULT_VARIANTS, help="TopStage settings for --validation-pool"
+    )
     args = parser.parse_args()
     if not (SHARED / "cifar10-train-jpg.zip").exists():
         sys.exit(f"needs the shared CIFAR-10 JPEGs in {SHARED}")
     RESULTS.mkdir(exist_ok=True)
     train_labels = np.array(ImageFolderSource(SHARED / "cifar10-train-jpg.zip").labels)
+    if args.validation_pool:
+        for ratio in args.imbalance_ratios:
+            for seed in args.seeds:
+                validation_pool(args, train_labels, ratio, seed)
+        return
     rows_out = []
     for ratio in args.imbalance_ratios:
         for seed in args.seeds:

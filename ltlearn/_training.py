@@ -187,6 +187,7 @@ def fit_module(
     n_iter_no_change=None,
     parameter_groups=None,
     record=None,
+    mixup=0.0,
 ):
     """Train ``module`` to minimise ``criterion(module(X_batch), y_batch, w_batch)``.
 
@@ -253,6 +254,11 @@ def fit_module(
     record : dict, optional
         Receives ``validation_scores`` (one per call of ``validation``) and
         ``best_epoch``.
+    mixup : float, default=0.0
+        Concentration ``alpha`` of mixup (Zhang et al., ICLR 2018): each batch
+        is replaced by its convex combination with a shuffled copy of itself,
+        with a weight drawn from Beta(alpha, alpha), and the loss is the same
+        combination of the two rows' losses. 0 trains on the rows as they are.
 
     Returns
     -------
@@ -278,6 +284,8 @@ def fit_module(
         class_sizes = torch.bincount(y).to(torch.float32)
         draw_weights = (1.0 / class_sizes[y]).cpu()
 
+    if mixup:
+        mix_rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
     history = []
     scores, best_epoch, best_state = [], 0, None
     if validation is not None:
@@ -292,7 +300,16 @@ def fit_module(
             X, y, sample_weight, batch_size, draw_weights, generator, device, views, augment
         )
         for X_batch, y_batch, w in batches:
-            loss = criterion(module(X_batch), y_batch, w)
+            if mixup:
+                share = float(mix_rng.beta(mixup, mixup))
+                other = torch.randperm(len(y_batch), generator=generator).to(device)
+                out = module(share * X_batch + (1 - share) * X_batch.index_select(0, other))
+                w_other = None if w is None else w.index_select(0, other)
+                loss = share * criterion(out, y_batch, w) + (1 - share) * criterion(
+                    out, y_batch.index_select(0, other), w_other
+                )
+            else:
+                loss = criterion(module(X_batch), y_batch, w)
             opt.zero_grad()
             loss.backward()
             opt.step(lr * schedule(opt.steps))
@@ -317,7 +334,11 @@ def fit_module(
     if best_state is not None:
         module.load_state_dict(best_state)
     if record is not None:
-        record.update(validation_scores=scores, best_epoch=best_epoch)
+        # Without validation the module keeps its last epoch.
+        record.update(
+            validation_scores=scores,
+            best_epoch=best_epoch if validation is not None else len(history),
+        )
     module.cpu().eval()
     criterion.cpu()
     return history

@@ -162,6 +162,9 @@ class TopStage(BaseEstimator):
     flip : bool, default=True
         Flip each training map horizontally with probability 1/2 (the
         activations of a mirrored image, approximately).
+    mixup : float, default=0.0
+        Concentration of mixup of the training maps in the fine-tuning (with
+        ``train="last"``, of the frozen part's outputs); 0 for none.
     validation_fraction : float, default=0.1
         Share of each class's training rows held out to choose the epoch
         (the linear probe counts as epoch 0) by balanced accuracy, and to
@@ -193,6 +196,7 @@ class TopStage(BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "flip": ["boolean"],
+        "mixup": [Interval(Real, 0, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
     }
 
@@ -210,6 +214,7 @@ class TopStage(BaseEstimator):
         weight_decay=0.05,
         batch_size=128,
         flip=True,
+        mixup=0.0,
         validation_fraction=0.1,
     ):
         self.backbone = backbone
@@ -223,6 +228,7 @@ class TopStage(BaseEstimator):
         self.weight_decay = weight_decay
         self.batch_size = batch_size
         self.flip = flip
+        self.mixup = mixup
         self.validation_fraction = validation_fraction
 
     def _pretrained_top(self):
@@ -423,6 +429,7 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
             batch_size=stage.batch_size,
             lr_schedule="onecycle",
             augment=augment,
+            mixup=stage.mixup,
             validation=validation,
             parameter_groups=trained.parameter_groups(stage.head_lr_scale),
             record=record,

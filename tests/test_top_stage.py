@@ -216,6 +216,15 @@ def test_training_the_top_beats_the_frozen_top_and_round_trips():
     assert clone(trained).get_params()["head__epochs"] == 6
 
 
+def test_without_held_out_rows_the_last_epoch_is_kept_and_reported():
+    X, y = activations(300)
+    stage = TopStage(top=small_top(), epochs=3, lr=3e-3, validation_fraction=0)
+    clf = BalancedSoftmaxClassifier(head=stage, random_state=0).fit(X, y)
+    assert clf.best_epoch_ == 3 and clf.validation_scores_ is None
+    mixed = BalancedSoftmaxClassifier(head=clone(stage).set_params(mixup=0.4), random_state=0)
+    assert mixed.fit(X, y).score(X, y) > 0.5  # four classes
+
+
 def test_wrong_activation_shapes_are_clear_errors():
     X, y = activations(120)
     clf = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0), random_state=0)
