@@ -133,7 +133,7 @@ DEFAULT_VARIANTS = (
 
 
 def pool_rows(labels, keep, seed):
-    """Balanced validation rows outside ``keep``; rows of ``keep`` that must leave the fit."""
+    """Balanced validation rows: outside ``keep``, or rows of ``keep`` that leave the fit."""
     rng = np.random.default_rng([seed, 123])
     outside = np.setdiff1d(np.arange(len(labels)), keep)
     pool, taken = [], []
@@ -142,9 +142,7 @@ def pool_rows(labels, keep, seed):
         if len(others) >= POOL_PER_CLASS:
             pool.append(rng.choice(others, POOL_PER_CLASS, replace=False))
         else:
-            taken.append(
-                rng.choice(np.flatnonzero(labels[keep] == c), POOL_PER_CLASS, replace=False)
-            )
+            taken.append(rng.choice(keep[labels[keep] == c], POOL_PER_CLASS, replace=False))
     return np.sort(np.concatenate(pool)), np.sort(np.concatenate(taken or [np.empty(0, int)]))
 
 
@@ -168,8 +166,11 @@ class PoolScores:
 
                 def validation(trained):
                     held = 1.0 - inner(trained)
+                    device = next(trained.parameters()).device
                     with torch.no_grad():
-                        logits = torch.cat([trained(x) for x in self.pool_inputs.split(256)])
+                        logits = torch.cat(
+                            [trained(x.to(device)).cpu() for x in self.pool_inputs.split(256)]
+                        )
                     pool = float((logits.argmax(1).numpy() == self.y_pool).mean())
                     self.curve.append((held, pool))
                     return 1.0 - held
@@ -205,8 +206,7 @@ def validation_pool(args, train_labels, ratio, seed):
     with FeatureFile(pool_path) as f:
         P, y_pool = f.read("pool")
         pool_ids = np.asarray(f.ids("pool"))
-    fit = np.ones(len(y), bool)
-    fit[np.searchsorted(keep, leave)] = False
+    fit = ~np.isin(ids, np.asarray(source.ids)[leave])
     P = np.concatenate([P, A[~fit]])
     y_pool = np.concatenate([y_pool, y[~fit]])
     pool_ids = np.concatenate([pool_ids, ids[~fit]])

@@ -304,9 +304,13 @@ def fit_module(
                 share = float(mix_rng.beta(mixup, mixup))
                 other = torch.randperm(len(y_batch), generator=generator).to(device)
                 out = module(share * X_batch + (1 - share) * X_batch.index_select(0, other))
-                w_other = None if w is None else w.index_select(0, other)
-                loss = share * criterion(out, y_batch, w) + (1 - share) * criterion(
-                    out, y_batch.index_select(0, other), w_other
+                # One call of the criterion (some count their calls as steps): each mixed
+                # row twice, with either target, weighted by its share; rows on axis -2.
+                w = torch.ones(len(y_batch), device=device) if w is None else w
+                loss = criterion(
+                    torch.cat([out, out], dim=-2),
+                    torch.cat([y_batch, y_batch.index_select(0, other)]),
+                    torch.cat([share * w, (1 - share) * w.index_select(0, other)]),
                 )
             else:
                 loss = criterion(module(X_batch), y_batch, w)

@@ -97,6 +97,29 @@ def test_mixup_trains_on_mixed_rows_and_softens_the_fit():
             proba = head(X).softmax(dim=1)
         return float((proba.argmax(dim=1) == y).float().mean()), float(proba.max(dim=1)[0].mean())
 
+    # One criterion call per step: LDAM's and RIDE's losses count their calls as steps.
+    calls = []
+
+    class Counted(LogitAdjustedLoss):
+        def forward(self, logits, target, sample_weight=None):
+            calls.append(len(target))
+            return super().forward(logits, target, sample_weight)
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(100, 5, generator=g), torch.arange(100) % 2
+    head = make_head("linear", 5, 2, generator=g)
+    fit_module(
+        head,
+        Counted(torch.tensor([0.5, 0.5])),
+        X,
+        y,
+        max_epochs=2,
+        batch_size=50,
+        generator=g,
+        mixup=0.4,
+    )
+    assert calls == [100] * 4  # 2 epochs of 2 batches, each mixed row with both targets
+
     plain_accuracy, plain_confidence = fit(0.0)
     mixed_accuracy, mixed_confidence = fit(1.0)
     assert plain_accuracy > 0.95 and mixed_accuracy > 0.95

@@ -223,6 +223,9 @@ def test_without_held_out_rows_the_last_epoch_is_kept_and_reported():
     assert clf.best_epoch_ == 3 and clf.validation_scores_ is None
     mixed = BalancedSoftmaxClassifier(head=clone(stage).set_params(mixup=0.4), random_state=0)
     assert mixed.fit(X, y).score(X, y) > 0.5  # four classes
+    # The top trained on mixed maps: same seed, other weights.
+    first = [next(m.module_.head.tops[0].parameters()).detach() for m in (clf, mixed)]
+    assert float((first[0] - first[1]).abs().max()) > 1e-4
 
 
 def test_wrong_activation_shapes_are_clear_errors():
