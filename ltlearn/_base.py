@@ -35,6 +35,7 @@ from ltlearn._training import (
     StreamedInputs,
     fit_module,
     resolve_device,
+    seed_from,
     torch_generator,
 )
 from ltlearn.exceptions import DeviceWarning
@@ -433,7 +434,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """Rows to train on and rows held out for early stopping, as tensors (stratified)."""
         from ltlearn.datasets import train_val_split
 
-        seed = int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
+        seed = seed_from(generator)
         with warnings.catch_warnings():
             # A class of one row stays in training; the other classes' losses choose the epoch.
             warnings.filterwarnings("ignore", message=".*single sample")

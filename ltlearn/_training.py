@@ -50,6 +50,14 @@ def torch_generator(random_state):
     return torch.Generator().manual_seed(int(random_state.randint(np.iinfo(np.int32).max)))
 
 
+def seed_from(generator):
+    """A seed drawn from a torch generator, for the numpy and scikit-learn draws of a fit.
+
+    Every random choice of a fit then follows from ``random_state`` through one stream.
+    """
+    return int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
+
+
 def _make_optimizer(name, module, weight_decay, parameter_groups=None):
     # Weight decay on matrices only: decaying biases or a cosine scale only hurts.
     groups = []
@@ -285,7 +293,7 @@ def fit_module(
         draw_weights = (1.0 / class_sizes[y]).cpu()
 
     if mixup:
-        mix_rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        mix_rng = np.random.default_rng(seed_from(generator))
     history = []
     scores, best_epoch, best_state = [], 0, None
     if validation is not None:

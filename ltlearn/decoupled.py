@@ -33,6 +33,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from ltlearn._base import TorchHeadClassifier
+from ltlearn._training import seed_from
 from ltlearn.datasets import train_val_split
 from ltlearn.heads import make_head
 from ltlearn.losses import LogitAdjustedLoss
@@ -219,7 +220,7 @@ random_state, verbose
                 "out of each class, but every class has a single training row, so none can be "
                 "held out. Pass tau explicitly (e.g. tau=1.0), or use method='crt' or 'lws'."
             )
-        rng = np.random.RandomState(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        rng = np.random.RandomState(seed_from(generator))
         fit_rows, held = train_val_split(y.numpy(), val_size=0.2, random_state=rng)
         head = _unbiased_linear(Z.shape[1], len(prior))
         train(head, LogitAdjustedLoss(prior, tau=0.0), rows=fit_rows, desc="tau selection")

@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from ltlearn._base import TorchHeadClassifier, _decision, _log_proba, _proba
+from ltlearn._training import seed_from
 from ltlearn.heads import init_linear
 from ltlearn.losses import PRLLoss, inverse_prior
 
@@ -434,7 +435,7 @@ class PRLClassifier(TorchHeadClassifier):
     def _make_module(self, n_features, n_classes, class_prior, generator, n_steps):
         beta = self._concentrations()
         # Drawn with numpy from the same seed stream: torch's Dirichlet takes no generator.
-        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        rng = np.random.default_rng(seed_from(generator))
         alphas = np.stack([rng.dirichlet(beta[i], size=n_steps) for i in range(3)], axis=1)
         network = PRLNetwork(
             n_features,

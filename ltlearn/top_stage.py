@@ -335,7 +335,7 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
         epoch losses.
     """
     from ltlearn._base import _float_tensor, _resolve_schedule
-    from ltlearn._training import fit_module
+    from ltlearn._training import fit_module, seed_from
     from ltlearn.datasets import train_val_split
 
     stage = estimator.head
@@ -344,7 +344,7 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
     X_t = _float_tensor(X)
     train, held = np.arange(len(X)), np.empty(0, dtype=np.intp)
     if stage.validation_fraction > 0:
-        seed = int(torch.randint(np.iinfo(np.int32).max, (1,), generator=generator))
+        seed = seed_from(generator)
         with warnings.catch_warnings():
             # A class of one row stays in training; its validation loss is not needed.
             warnings.filterwarnings("ignore", message=".*single sample")
