@@ -234,4 +234,3 @@ random_state, verbose
     def _source_logits(self, X):
         # Stage 2 re-balanced the classifier: its logits model the balanced posterior.
         return self._logits(X) + np.log(self.class_prior_).astype(np.float32)
-

@@ -351,7 +351,6 @@ random_state, verbose
         return self._logits(X) + np.log(self.class_prior_).astype(np.float32)
 
 
-
 class _PerExpert(nn.Module):
     """A loss summed over the experts' logits (n_experts, n, C)."""
 

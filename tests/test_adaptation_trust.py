@@ -259,9 +259,10 @@ def test_an_em_estimate_the_held_out_posteriors_contradict_gives_way_to_the_conf
     model = copy.copy(clf).adapt(X_bal)
     assert model.test_prior_method_ == "confusion"
     # 35.7 % against 7.9 % (unadapted: 40.5 %).
-    assert model.score(X_bal, y_pool[balanced]) > unchecked.adapt(X_bal).score(
-        X_bal, y_pool[balanced]
-    ) + 0.2
+    assert (
+        model.score(X_bal, y_pool[balanced])
+        > unchecked.adapt(X_bal).score(X_bal, y_pool[balanced]) + 0.2
+    )
 
 
 def test_confusion_prior_solves_the_mean_posterior_equation():
@@ -303,9 +304,7 @@ def test_mean_posterior_covariance_matches_sampling():
     means = []
     for _ in range(4000):
         labels = rng.choice(n_classes, n_rows, p=q)
-        means.append(
-            np.mean([rng.dirichlet(concentrations[c]) for c in labels], axis=0)
-        )
+        means.append(np.mean([rng.dirichlet(concentrations[c]) for c in labels], axis=0))
     simulated = np.cov(np.array(means), rowvar=False)
     model = _mean_posterior_covariance(confusion, n_rows, q)
     # The model adds C's own noise (4,000 rows a class): small beside the sample's.
