@@ -21,6 +21,9 @@ settings are chosen. It fits on the long-tailed training rows and scores a balan
 500 training images per class drawn outside them (a class with fewer outside, the head
 class at IR 100, gives its 500 from its own rows, which then leave the fit), after the
 probe and after every fine-tuning epoch of each TopStage variant (``--variants``, JSON).
+With ``--views K`` (either protocol) BalancedSoftmax's fine-tuning also draws from K augmented
+views of each training image (reflect-padded random crops and mirrors), extracted at the same
+cut and cached beside; ``--variants`` sets the TopStage models of the test protocol too.
 
 Run: ``python benchmarks/bench_capacity.py [--imbalance-ratios 100] [--seeds 0] [--sade]``
 (``--help`` lists the variants).
@@ -40,6 +43,7 @@ from sklearn.linear_model import LogisticRegression
 from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier, _training
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.features import FeatureFile, extract
+from ltlearn.features.recipes import PadCropFlip
 from ltlearn.features.sources import ImageFolderSource
 from ltlearn.metrics import (
     evaluate_test_agnostic,
@@ -184,6 +188,31 @@ class PoolScores:
         _training.fit_module = self.original
 
 
+def train_views(args, keep, ids, stem):
+    """Activations of ``args.views`` augmented views of the rows ``keep``, cached beside theirs.
+
+    Drawn by ``PadCropFlip``, as the recipe "layers-views" draws them, and cut alike.
+    """
+    path = RESULTS / f"{stem}_views{args.views}.h5"
+    start = time.perf_counter()
+    extract(
+        Rows(ImageFolderSource(SHARED / "cifar10-train-jpg.zip"), keep),
+        "efficientnet-lite0",
+        path,
+        split="train",
+        cut=args.cut,
+        views=args.views,
+        view_transform=PadCropFlip(),
+        verbose=False,
+    )
+    with FeatureFile(path) as f:
+        V, view_ids = f.views("train"), np.asarray(f.ids("train"))
+    print(f"views: {time.perf_counter() - start:.0f} s (0 when cached)", flush=True)
+    if not np.array_equal(view_ids, np.asarray(ids)):
+        sys.exit(f"{path} lists other rows than the activations; remove it to extract again")
+    return V
+
+
 def validation_pool(args, train_labels, ratio, seed):
     """TopStage variants scored epoch by epoch on a balanced pool of training images."""
     keep = np.sort(long_tailed_subset(train_labels, ratio, random_state=seed))
@@ -203,6 +232,7 @@ def validation_pool(args, train_labels, ratio, seed):
     with FeatureFile(RESULTS / f"{stem}.h5") as f:
         A, y = f.read("train")
         ids = np.asarray(f.ids("train"))
+    V = train_views(args, keep, ids, stem) if args.views else None
     with FeatureFile(pool_path) as f:
         P, y_pool = f.read("pool")
         pool_ids = np.asarray(f.ids("pool"))
@@ -211,6 +241,7 @@ def validation_pool(args, train_labels, ratio, seed):
     y_pool = np.concatenate([y_pool, y[~fit]])
     pool_ids = np.concatenate([pool_ids, ids[~fit]])
     A, y, ids = A[fit], y[fit], ids[fit]
+    V = None if V is None else V[fit]
     E, _ = embeddings_by_id(ids, "train")
     E_pool, _ = embeddings_by_id(pool_ids, "train")
     frozen = BalancedSoftmaxClassifier(random_state=seed).fit(E, y)
@@ -220,18 +251,19 @@ def validation_pool(args, train_labels, ratio, seed):
     print(f"IR {ratio:g} seed {seed}: fit on {len(y)} rows, pool {len(y_pool)} rows", flush=True)
     print(rows[0], flush=True)
     P_t = torch.as_tensor(np.asarray(P, dtype=np.float32))
-    for variant in json.loads(args.variants):
+    for variant in json.loads(args.variants or DEFAULT_VARIANTS):
         stage = TopStage(cut=args.cut, **variant)
         shared = stage.build(A.shape[1:])[0] if stage.train == "last" else torch.nn.Identity()
         with torch.no_grad():
             inputs = torch.cat([shared(x) for x in P_t.split(256)])
         start = time.perf_counter()
         with PoolScores(inputs, y_pool) as scores:
-            model = BalancedSoftmaxClassifier(head=stage, random_state=seed).fit(A, y)
+            model = BalancedSoftmaxClassifier(head=stage, random_state=seed).fit(A, y, views=V)
         seconds = time.perf_counter() - start
         curve = " / ".join(f"{100 * pool:.2f}" for _, pool in scores.curve) or "-"
         row = (
-            f"TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())})",
+            f"TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())})"
+            + (f", {args.views} views" if args.views else ""),
             curve,
             100 * model.score(P, y_pool),
             model.best_epoch_,
@@ -273,7 +305,16 @@ def main():
         help="score TopStage variants on training images outside the long-tailed set, not test",
     )
     parser.add_argument(
-        "--variants", default=DEFAULT_VARIANTS, help="TopStage settings for --validation-pool"
+        "--variants",
+        help="TopStage settings, JSON (replaces --train; --validation-pool: default "
+        + DEFAULT_VARIANTS
+        + ")",
+    )
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="fine-tune BalancedSoftmax's tops on this many augmented views of each map too",
     )
     args = parser.parse_args()
     if not (SHARED / "cifar10-train-jpg.zip").exists():
@@ -313,12 +354,15 @@ def main():
                         E_test,
                     )
                 )
-            for train in args.train:
+            variants = json.loads(args.variants or "null") or [{"train": t} for t in args.train]
+            for variant in variants:
+                settings = ", ".join(f"{k}={v!r}" for k, v in variant.items())
                 models.append(
                     (
-                        f"BalancedSoftmax, TopStage(train={train!r})",
+                        f"BalancedSoftmax, TopStage({settings})"
+                        + (f", {args.views} views" if args.views else ""),
                         BalancedSoftmaxClassifier,
-                        {"head": TopStage(cut=args.cut, train=train)},
+                        {"head": TopStage(cut=args.cut, **variant)},
                         A_train,
                         A_test,
                     )
@@ -346,9 +390,13 @@ def main():
                         A_test,
                     )
                 )
+            V = train_views(args, keep, train_ids, path.stem) if args.views else None
             for name, cls, params, X_fit, X_eval in models:
+                top = X_fit is A_train
                 start = time.perf_counter()
-                model = cls(random_state=seed, **params).fit(X_fit, y_train)
+                model = cls(random_state=seed, **params).fit(
+                    X_fit, y_train, views=V if top and cls is BalancedSoftmaxClassifier else None
+                )
                 fit_seconds = time.perf_counter() - start
                 row = evaluate(name, model, X_eval, y_test, fit_seconds, lr_seconds)
                 row.update(

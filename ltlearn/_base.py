@@ -224,9 +224,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """
         return self._source_logits(X).astype(np.float64) - np.log(self.class_prior_)
 
-    def adapt(
-        self, X, *, method="map", validation=None, views=None, significance=0.05, **options
-    ):
+    def adapt(self, X, *, method="map", validation=None, views=None, significance=0.05, **options):
         """Infer the class prior of unlabeled rows and predict for it from now on, if it shifted.
 
         A transductive step: estimates the class frequencies of ``X`` (the
@@ -338,23 +336,28 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
     _streamable = True
 
     def _check_views(self, views, n_rows, where):
-        """``views`` as a float array of shape (n_rows, n_views, n_features_in_), or an error."""
+        """``views`` as a float array of shape (n_rows, n_views, *row), or an error.
+
+        A row is ``(n_features_in_,)``, or the activation map's shape
+        (``row_shape_``) for a trainable top.
+        """
         try:
             views = np.asarray(views)
             if views.dtype not in (np.float32, np.float64):
                 views = views.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"views passed to {where} must be a numeric array.") from exc
+        row = tuple(self.row_shape_) if self._uses_top() else (self.n_features_in_,)
         if (
-            views.ndim != 3
+            views.ndim != 2 + len(row)
             or views.shape[0] != n_rows
             or views.shape[1] < 1
-            or views.shape[2] != self.n_features_in_
+            or views.shape[2:] != row
         ):
             raise ValueError(
                 f"views passed to {where} must have shape ({n_rows}, n_views, "
-                f"{self.n_features_in_}) with n_views >= 1 (the rows of X, then their views, e.g. "
-                f"FeatureFile.views(split)); got shape {views.shape}."
+                f"{', '.join(map(str, row))}) with n_views >= 1 (the rows of X, then their "
+                f"views, e.g. FeatureFile.views(split)); got shape {views.shape}."
             )
         if not np.all(np.isfinite(views)):
             raise ValueError(f"views passed to {where} contain NaN or infinite values.")
@@ -402,12 +405,14 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.__dict__.pop("row_shape_", None)
         return checked
 
-    def _fit_top_stage(self, X, y_t, w_t, prior, generator, device):
+    def _fit_top_stage(self, X, y_t, w_t, prior, generator, device, views=None):
         """Fit a :class:`~ltlearn.top_stage.TopStage` head; see :func:`.fit_top_stage`.
 
         Returns the trained module, the criterion and the held-out rows.
         """
-        module, criterion, held, record = fit_top_stage(self, X, y_t, w_t, prior, generator, device)
+        module, criterion, held, record = fit_top_stage(
+            self, X, y_t, w_t, prior, generator, device, views
+        )
         if type(self)._fit_second_stage is not TorchHeadClassifier._fit_second_stage:
             # The later stage trains on the fitted top's embeddings, as on an embedding file.
             rows = torch.as_tensor(np.setdiff1d(np.arange(len(X)), held))
@@ -515,6 +520,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             training step then sees one view of each sampled image, drawn
             uniformly from the plain row and its views: an epoch still has
             one row per image, and the class prior counts images, not views.
+            With ``head=TopStage(...)``, activations of the views at the same
+            cut, of shape ``(n_samples, n_views, *X.shape[1:])``; the
+            fine-tuning epochs draw each row's map from the plain one, its
+            mirror image and its views (the linear probe reads the plain maps).
 
         Returns
         -------
@@ -574,11 +583,6 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                     f"{type(self).__name__} does not train on views: its later training stages "
                     "revisit chosen rows of the plain features."
                 )
-            if self._uses_top():
-                raise ValueError(
-                    "head=TopStage(...) does not train on views yet; it flips the cached maps "
-                    "instead (TopStage(flip=True))."
-                )
             views = self._check_views(views, len(X), "fit")
         if self._uses_top() and getattr(self, "tail_synthesis", 0):
             raise ValueError("tail_synthesis is not available with head=TopStage(...).")
@@ -618,7 +622,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         w_t = torch.from_numpy(loss_weight)
         if self._uses_top():
             prior = torch.as_tensor(self.class_prior_, dtype=torch.float32)
-            module, criterion, held = self._fit_top_stage(X, y_t, w_t, prior, generator, device)
+            module, criterion, held = self._fit_top_stage(
+                X, y_t, w_t, prior, generator, device, views
+            )
             self.module_ = NormalizedHead(torch.nn.Identity(), module).eval()
             self.criterion_ = criterion
             self.device_ = str(device)

@@ -467,19 +467,8 @@ class SADEClassifier(TorchHeadClassifier):
             if X.ndim == 4:  # activation maps: the second view is mirrored too
                 pool[:, 1] = pool[:, 1, ..., ::-1]
         else:
-            views = np.asarray(views, dtype=np.float32)
-            if (
-                views.ndim != 3
-                or views.shape[0] != len(X)
-                or views.shape[1] < 1
-                or views.shape[2] != X.shape[1]
-            ):
-                raise ValueError(
-                    f"views must have shape ({len(X)}, n_views, {X.shape[1]}): the augmented "
-                    f"views of each row of X; got {views.shape}."
-                )
-            if not np.all(np.isfinite(views)):
-                raise ValueError("views hold NaN or infinite values.")
+            # Embeddings' views, or maps' views with a TopStage head.
+            views = self._check_views(views, len(X), "adapt").astype(np.float32, copy=False)
             # SADE compares two augmented views; with one, it is paired with the plain row.
             pool = views if views.shape[1] >= 2 else np.concatenate([X[:, None], views], axis=1)
         n, n_views = pool.shape[:2]

@@ -161,7 +161,13 @@ class TopStage(BaseEstimator):
     batch_size : int, default=128
     flip : bool, default=True
         Flip each training map horizontally with probability 1/2 (the
-        activations of a mirrored image, approximately).
+        activations of a mirrored image, approximately). Activations of
+        augmented views, cut at the same module (``extract(..., cut=...,
+        views=K)``) and passed to the estimator's ``fit(X, y, views=V)``,
+        join the plain maps: each fine-tuning step draws one of a row's
+        plain map and views, then mirrors it half of the time (with
+        ``train="last"``, the plain map's mirror image is one more draw,
+        computed once through the frozen part).
     mixup : float, default=0.0
         Concentration of mixup of the training maps in the fine-tuning (with
         ``train="last"``, of the frozen part's outputs); 0 for none.
@@ -300,12 +306,21 @@ class TopStage(BaseEstimator):
         return self.epochs * math.ceil(n_rows / min(self.batch_size, n_rows))
 
 
-class _MirrorPairs:
-    """Picks, for each training row, its frozen features or those of its mirror image."""
+class _PickOne:
+    """Picks, for each training row, one of its stacked inputs at random, then ``augment``s it.
 
-    def __call__(self, pairs, generator):
-        pick = (torch.rand(len(pairs), generator=generator) < 0.5).long().to(pairs.device)
-        return pairs[torch.arange(len(pairs), device=pairs.device), pick]
+    The inputs of a row are its mirror image's and its own frozen features, or
+    its own maps and those of its augmented views.
+    """
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, stacked, generator):
+        n, k = stacked.shape[:2]
+        pick = (torch.rand(n, generator=generator) * k).long().clamp_max(k - 1)
+        picked = stacked[torch.arange(n, device=stacked.device), pick.to(stacked.device)]
+        return picked if self.augment is None else self.augment(picked, generator)
 
 
 def _in_chunks(module, X, device=None, dim=0):
@@ -315,7 +330,7 @@ def _in_chunks(module, X, device=None, dim=0):
     return torch.cat(parts, dim=dim)
 
 
-def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
+def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
     """Fit ``estimator``'s :class:`TopStage` head: the linear probe, then fine-tuning.
 
     The estimator supplies its loss (``_make_criterion``), its head on
@@ -412,10 +427,23 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device):
 
     record = {}
     if stage.epochs:
-        train_inputs, augment = inputs[rows], stage.augment
+        candidates, augment = [inputs[rows]], stage.augment
         if frozen and stage.flip and X.ndim == 4:
-            mirrored = _in_chunks(shared, X_t[rows].flip(-1))
-            train_inputs, augment = torch.stack([train_inputs, mirrored], 1), _MirrorPairs()
+            # The frozen part's output of a mirrored map is not its output mirrored: both
+            # are computed once. The mirror comes first, which draws the pick of each row
+            # as releases without views did, so their fits reproduce.
+            candidates.insert(0, _in_chunks(shared, X_t[rows].flip(-1)))
+            augment = None
+        if views is not None:
+            V = _float_tensor(views)[rows]
+            candidates += [
+                _in_chunks(shared, V[:, j]) if frozen else V[:, j] for j in range(V.shape[1])
+            ]
+            del V
+        train_inputs = candidates[0]
+        if len(candidates) > 1:
+            train_inputs, augment = torch.stack(candidates, 1), _PickOne(augment)
+        del candidates  # the stack is a copy, gigabytes on CIFAR-10-LT with views
         history += fit_module(
             trained,
             criterion,

@@ -117,7 +117,9 @@ def test_auto_adapt_is_map_on_the_uniform_expert(sade, draw):
 
 def test_adapt_rejects_inconsistent_arguments(sade, draw):
     X, _ = draw([20] * N_CLASSES)
-    with pytest.raises(ValueError, match=r"views must have shape \(80, n_views, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"views passed to adapt must have shape \(80, n_views, 16\)"
+    ):
         copy.copy(sade).adapt(X, views=np.ones((len(X), 2, 3)), method="aggregation")
     with pytest.raises(ValueError, match="'auto' is 'map'"):
         copy.copy(sade).adapt(X, views=views_of(X))
@@ -125,7 +127,7 @@ def test_adapt_rejects_inconsistent_arguments(sade, draw):
         copy.copy(sade).adapt(X, views=views_of(X), method="em")
     with pytest.raises(ValueError, match="takes only X and views"):
         copy.copy(sade).adapt(X, method="aggregation", pseudo_counts=2.0)
-    with pytest.raises(ValueError, match=r"views must have shape"):
+    with pytest.raises(ValueError, match=r"views passed to adapt must have shape"):
         copy.copy(sade).adapt(X, views=np.ones((len(X), 0, 16)), method="aggregation")
     with pytest.raises(ValueError, match="'auto', 'aggregation', 'map'"):
         copy.copy(sade).adapt(X, method="aggregate")

@@ -474,10 +474,15 @@ class FeatureFile:
         Returns
         -------
         views : ndarray of shape (n_rows, n_views, n_features) or None
+            Of shape ``(n_rows, n_views, *row_shape)`` for activations at a
+            cut, as :meth:`read` returns their rows.
         """
         if "views" not in self._group(split):
             return None
-        return self._read(split, "views", self._rows(split, start, stop), dtype)
+        views = self._read(split, "views", self._rows(split, start, stop), dtype)
+        if self.row_shape is not None:
+            views = views.reshape(*views.shape[:2], *self.row_shape)
+        return views
 
     def read_with_views(self, split="train", *, start=None, stop=None, dtype=np.float32):
         """Features, labels and augmented views of rows ``start:stop``, as the estimators take them.
