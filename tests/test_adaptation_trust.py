@@ -16,8 +16,10 @@ from sklearn.preprocessing import StandardScaler
 
 from ltlearn import BalancedSoftmaxClassifier, LongTailTemperatureScaler, PRLClassifier, adaptation
 from ltlearn.adaptation import (
+    EM_CHECK_LEVEL,
     _calibration_covariance,
     _mean_posterior_covariance,
+    _moment_pvalue,
     _SourceLogits,
     adapt,
     confusion_prior,
@@ -310,6 +312,50 @@ def test_mean_posterior_covariance_matches_sampling():
     # The model adds C's own noise (4,000 rows a class): small beside the sample's.
     np.testing.assert_allclose(model, simulated, atol=0.06 * np.abs(simulated).max())
     np.testing.assert_allclose(confusion[0].T @ q, np.mean(means, axis=0), atol=3e-3)
+
+
+def test_the_check_of_em_holds_its_level_when_tail_classes_have_few_held_out_rows():
+    """A tail of 3 held-out rows among 8 classes: its covariance has rank 2, not 7.
+
+    Test rows drawn from the held-out rows' distribution, at the true prior, must
+    pass the check at level 0.01 nearly always (read as exact, the rank-deficient
+    covariances made it reject 19 % of these draws).
+    """
+    rng = np.random.default_rng(0)
+    n_classes = 8
+    concentrations = 0.5 + 4.0 * np.eye(n_classes)
+    counts = np.array([400, 200, 100, 50, 25, 12, 5, 3])
+    y = np.repeat(np.arange(n_classes), counts)
+    q = np.full(n_classes, 1 / n_classes)
+    rejected = []
+    for _ in range(100):
+        posteriors = np.concatenate(
+            [rng.dirichlet(concentrations[c], size=n) for c, n in enumerate(counts)]
+        )
+        confusion = _posterior_confusion(posteriors, y, n_classes)
+        test_counts = rng.multinomial(5000, q)
+        test = np.concatenate(
+            [rng.dirichlet(concentrations[c], size=n) for c, n in enumerate(test_counts)]
+        )
+        rejected.append(_moment_pvalue(test.mean(axis=0), confusion, q, len(test)) < EM_CHECK_LEVEL)
+    assert np.mean(rejected) <= 0.05
+
+
+def test_the_check_covariance_adds_a_pseudo_row_only_where_a_class_has_too_few_rows():
+    means = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    measured = np.stack([0.01 * np.eye(3)] * 3)
+    q = np.array([1.0, 0.0, 0.0])  # rows of class 0 only: between = 0
+    widest = np.diag(means[0]) - np.outer(means[0], means[0])
+    # One row (fewer than the 3 classes): (0 * measured + widest) / 1.
+    covariance = _mean_posterior_covariance((means, measured, np.array([1, 5, 5])), 10, q)
+    np.testing.assert_allclose(covariance, widest / 10 + widest)
+    # Two rows: (1 * measured + widest) / 2; the noise term divides by n_c again.
+    covariance = _mean_posterior_covariance((means, measured, np.array([2, 5, 5])), 10, q)
+    mixed = (measured[0] + widest) / 2
+    np.testing.assert_allclose(covariance, mixed / 10 + mixed / 2)
+    # Three rows or more: the measured covariance as it is.
+    covariance = _mean_posterior_covariance((means, measured, np.array([3, 5, 5])), 10, q)
+    np.testing.assert_allclose(covariance, measured[0] / 10 + measured[0] / 3)
 
 
 def test_a_class_the_confusion_estimate_rules_out_keeps_a_finite_band(monkeypatch):
