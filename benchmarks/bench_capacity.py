@@ -110,6 +110,11 @@ def embeddings_by_id(ids, split):
     return X[rows], y[rows]
 
 
+def mirrored(X):
+    """Each map's mirror image as its one test-time view, ``(n, 1, C, H, W)``."""
+    return np.ascontiguousarray(X[:, None, ..., ::-1])
+
+
 def evaluate(name, model, X_test, y_test, fit_seconds, lr_seconds, adapt=True):
     proba = model.predict_proba(X_test)
     y_pred = model.classes_[proba.argmax(1)]
@@ -117,9 +122,13 @@ def evaluate(name, model, X_test, y_test, fit_seconds, lr_seconds, adapt=True):
     shifted = evaluate_test_agnostic(
         model, X_test, y_test, adapt={} if adapt else None, random_state=0
     )
+    maps = np.ndim(X_test) == 4
     return {
         "model": name,
         "uniform": 100 * groups["overall"],
+        "uniform, mirror view": (
+            100 * np.mean(model.predict(X_test, views=mirrored(X_test)) == y_test) if maps else None
+        ),
         "head": 100 * groups["head"],
         "middle": 100 * groups["middle"],
         "tail": 100 * groups["tail"],
@@ -270,6 +279,8 @@ def validation_pool(args, train_labels, ratio, seed):
             f"{seconds:.0f}",
         )
         rows.append(row)
+        mirror = 100 * np.mean(model.predict(P, views=mirrored(P)) == y_pool)
+        print(f"  kept, each pool map averaged with its mirror image: {mirror:.2f}", flush=True)
         held = [round(100 * h, 2) for h, _ in scores.curve]
         print(row, f"held-out balanced: {held}", flush=True)
     print("\n| seed | model | pool accuracy, probe / epoch 1 / ... | kept | epoch kept | fit s |")

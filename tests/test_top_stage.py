@@ -9,12 +9,13 @@ from sklearn.base import clone
 from torch.utils.data import TensorDataset
 
 from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier
+from ltlearn._base import TorchHeadClassifier
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.exceptions import LtlearnError
 from ltlearn.features import FeatureFile, extract, merge
 from ltlearn.features.backbones import from_module
 from ltlearn.features.io import write_features
-from ltlearn.top_stage import TopStage
+from ltlearn.top_stage import TopStage, _Recalibrated
 
 
 def small_top(seed=0):
@@ -349,7 +350,7 @@ def test_training_only_the_last_part_leaves_the_rest_as_it_was():
     module = clf.module_.head
     frozen, last = module.shared, module.tops[0]
     torch.testing.assert_close(frozen[0].weight, top[0].weight)
-    assert float((last[0].weight - top[2].weight).abs().max()) > 1e-3
+    assert float((last[0].weight - top[2].weight).detach().abs().max()) > 1e-3
     # Predictions run the frozen part too, on the raw activations.
     with torch.no_grad():
         expected = module.head(module.normalizer(last(frozen(torch.from_numpy(X[:5])))))
@@ -419,3 +420,50 @@ def test_views_of_a_cut_file_come_back_in_the_maps_shape(tmp_path):
     with torch.no_grad():
         mirrored = trunk(images.tensors[0].flip(-1)).numpy()
     np.testing.assert_allclose(V[:, 1], mirrored, atol=2e-3)  # float16 storage
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeypatch):
+    X, y = activations(2000)
+    X_test, _ = activations(300, seed=1)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    # This top's held-out offsets shrink to zero; given ones check how they are applied.
+    fitted = TorchHeadClassifier._held_out_calibration
+
+    def with_offsets(self, *args):
+        T, b, covariance, confusion = fitted(self, *args)
+        return T, b + np.array([0.3, -0.2, 0.1, 0.0]), covariance, confusion
+
+    monkeypatch.setattr(TorchHeadClassifier, "_held_out_calibration", with_offsets)
+    stage = TopStage(top=small_top(), epochs=4, lr=3e-3)
+    plain, fixed = (
+        BalancedSoftmaxClassifier(
+            tau=tau, head=clone(stage).set_params(recalibrate=on), random_state=0
+        ).fit(X[keep], y[keep])
+        for on in (False, True)
+    )
+    T, b = plain.calibration_temperature_, plain.calibration_bias_
+    assert abs(T - 1.0) > 0.05
+    # The same fit, its balanced logits calibrated on the held-out rows.
+    expected = plain._balanced_logits(X_test) / T + b
+    np.testing.assert_allclose(fixed._balanced_logits(X_test), expected, rtol=1e-4, atol=1e-4)
+    # Predictions keep the share 1 - tau of the log prior: raw = balanced + (1 - tau) log p.
+    raw = expected + (1.0 - tau) * np.log(fixed.class_prior_)
+    np.testing.assert_allclose(fixed.decision_function(X_test), raw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fixed.predict(X_test), raw.argmax(axis=1))
+    # The correction is inside the model: nothing left for adaptation to apply twice.
+    assert fixed.calibration_temperature_ == 1.0 and not fixed.calibration_bias_.any()
+    np.testing.assert_array_equal(
+        fixed.calibration_bias_covariance_, plain.calibration_bias_covariance_
+    )
+    again = pickle.loads(pickle.dumps(fixed))
+    np.testing.assert_array_equal(again.decision_function(X_test), fixed.decision_function(X_test))
+
+
+def test_recalibration_needs_held_out_rows_and_spares_experts():
+    X, y = activations(400)
+    stage = TopStage(top=small_top(), epochs=1, lr=3e-3, validation_fraction=0)
+    clf = BalancedSoftmaxClassifier(head=stage, random_state=0).fit(X, y)
+    assert not isinstance(clf.module_.head.head, _Recalibrated)
+    sade = SADEClassifier(head=TopStage(top=small_top(), epochs=1), random_state=0).fit(X, y)
+    assert not isinstance(sade.module_.head.head, _Recalibrated)
