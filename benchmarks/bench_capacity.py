@@ -456,6 +456,7 @@ def main():
         "seed",
         "model",
         "uniform",
+        "uniform, mirror view",
         "head",
         "middle",
         "tail",
@@ -470,7 +471,12 @@ def main():
         print(
             "| "
             + " | ".join(
-                f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys
+                f"{row[k]:.2f}"
+                if isinstance(row[k], float)
+                else "-"
+                if row[k] is None
+                else str(row[k])
+                for k in keys
             )
             + " |"
         )
