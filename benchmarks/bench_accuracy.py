@@ -118,6 +118,7 @@ def extract_views(augmentation, split, ids, tag, layers=None):
             views=n_views,
             view_transform=transform,
             layers=layers,
+            random_state=0,
         )
         seconds = time.perf_counter() - start
         times = json.loads(timing.read_text()) if timing.exists() else {}

@@ -197,10 +197,11 @@ class PoolScores:
         _training.fit_module = self.original
 
 
-def train_views(args, keep, ids, stem):
+def train_views(args, keep, ids, stem, seed):
     """Activations of ``args.views`` augmented views of the rows ``keep``, cached beside theirs.
 
-    Drawn by ``PadCropFlip``, as the recipe "layers-views" draws them, and cut alike.
+    Drawn by ``PadCropFlip``, as the recipe "layers-views" draws them, seeded by
+    ``seed``, and cut alike.
     """
     path = RESULTS / f"{stem}_views{args.views}.h5"
     start = time.perf_counter()
@@ -212,6 +213,7 @@ def train_views(args, keep, ids, stem):
         cut=args.cut,
         views=args.views,
         view_transform=PadCropFlip(),
+        random_state=seed,
         verbose=False,
     )
     with FeatureFile(path) as f:
@@ -241,7 +243,7 @@ def validation_pool(args, train_labels, ratio, seed):
     with FeatureFile(RESULTS / f"{stem}.h5") as f:
         A, y = f.read("train")
         ids = np.asarray(f.ids("train"))
-    V = train_views(args, keep, ids, stem) if args.views else None
+    V = train_views(args, keep, ids, stem, seed) if args.views else None
     with FeatureFile(pool_path) as f:
         P, y_pool = f.read("pool")
         pool_ids = np.asarray(f.ids("pool"))
@@ -401,7 +403,7 @@ def main():
                         A_test,
                     )
                 )
-            V = train_views(args, keep, train_ids, path.stem) if args.views else None
+            V = train_views(args, keep, train_ids, path.stem, seed) if args.views else None
             for name, cls, params, X_fit, X_eval in models:
                 top = X_fit is A_train
                 start = time.perf_counter()

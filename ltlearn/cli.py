@@ -221,6 +221,7 @@ def _extract(args):
         overwrite=args.overwrite,
         on_error=args.on_error,
         shard=args.shard,
+        random_state=args.seed,
         verbose=not args.quiet,
     )
     if not args.quiet:
@@ -377,6 +378,13 @@ def build_parser():
         "14 and 15 beside the embedding and 2 augmented views (padded crop and mirror) of each "
         "image, for BalancedSoftmaxClassifier trained and tested on the views (78.6%% against "
         "76.8%% on CIFAR-10-LT, IR 100); excludes --layers and --cut",
+    )
+    extract.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the recipe's augmented views: the same seed gives the same views, "
+        "whatever --workers, --batch-size, --shard or a resumed run (default: 0)",
     )
     extract.add_argument(
         "--dtype",

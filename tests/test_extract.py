@@ -571,6 +571,47 @@ def test_augmented_views_are_stored_beside_the_plain_view(folder, tmp_path):
         )
 
 
+def _random_view(image):
+    """A crop, a flip and a brightness drawn from torch's, Python's and NumPy's generators."""
+    import random
+
+    left, top = (int(v) for v in torch.randint(0, 5, (2,)))
+    image = image.crop((left, top, left + 16, top + 16))
+    if random.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(image, dtype=np.float64) * np.random.uniform(0.5, 1.5)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_views_follow_random_state_whatever_the_loader_or_shard(folder, tmp_path):
+    def views(name, random_state=0, **options):
+        options = {"batch_size": 4, "num_workers": 0, **options}
+        path = extract(
+            ImageFolderSource(folder),
+            tiny_backbone(),
+            tmp_path / f"{name}.h5",
+            views=2,
+            view_transform=_random_view,
+            engine="torch",
+            random_state=random_state,
+            verbose=False,
+            **options,
+        )
+        return path
+
+    with FeatureFile(views("a")) as f:
+        reference = f.views("train")
+    assert not np.allclose(reference[:, 0], reference[:, 1], atol=1e-2)  # the views differ
+    with FeatureFile(views("b", batch_size=3, num_workers=1)) as f:
+        np.testing.assert_array_equal(f.views("train"), reference)
+    # A shard starts at an offset into the source, as a resumed run does.
+    shards = [views(f"s{i}", shard=(i, 2), batch_size=3) for i in range(2)]
+    with FeatureFile(merge(shards, tmp_path / "merged.h5")) as f:
+        np.testing.assert_array_equal(f.views("train"), reference)
+    with FeatureFile(views("c", random_state=1)) as f:
+        assert not np.allclose(f.views("train"), reference, atol=1e-2)
+
+
 class _SparePart(torch.nn.Module):
     """A module with a submodule that its forward pass never calls."""
 

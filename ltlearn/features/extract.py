@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import os
+import random
 import time
 import warnings
 from pathlib import Path
@@ -53,12 +54,35 @@ class _Preprocessed(Dataset):
     size), for a resize in the model's graph.
     """
 
-    def __init__(self, source, preprocess, start, stop, views=0, view_transform=None, size=None):
+    def __init__(
+        self, source, preprocess, start, stop, views=0, view_transform=None, size=None, seed=0
+    ):
         self.source = source
         self.start, self.stop = start, stop
         self.views, self.view_transform = views, view_transform
         self.size = size
+        self.seed = seed
         self.prepare = preprocess if size is None else _uint8_chw
+
+    def _views(self, image, index):
+        """The image's views, drawn from generators seeded by ``(seed, index)`` alone.
+
+        So an image's views do not depend on which worker, batch, shard or
+        resumed run draws them. Augmentations draw from torch's, Python's or
+        NumPy's global generator: all three are seeded, and restored after,
+        so that a loader without workers leaves the caller's state alone.
+        """
+        seeds = np.random.SeedSequence([self.seed, index]).generate_state(3)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seeds[0]))
+                random.seed(int(seeds[1]))
+                np.random.seed(int(seeds[2]))
+                return [self.view_transform(image) for _ in range(self.views)]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     def __len__(self):
         return self.stop - self.start
@@ -68,7 +92,7 @@ class _Preprocessed(Dataset):
         try:
             image, label = self.source[index]
             tensors = [self.prepare(image)]
-            tensors += [self.prepare(self.view_transform(image)) for _ in range(self.views)]
+            tensors += [self.prepare(view) for view in self._views(image, index)]
             if self.size is not None and len({t.shape for t in tensors}) > 1:
                 tensors = [resize_uint8(t, self.size) for t in tensors]
             tensor = torch.stack(tensors) if self.views else tensors[0]  # (1 + views, 3, H, W)
@@ -446,6 +470,7 @@ def extract(
     layers=None,
     cut=None,
     recipe=None,
+    random_state=None,
     verbose=True,
 ):
     """Embed every image of ``source`` with ``backbone`` and write them to ``path``.
@@ -526,8 +551,12 @@ def extract(
         agreement at test time (read them with ``FeatureFile.views``).
     view_transform : callable, default=None
         PIL image -> PIL image, a random augmentation (e.g. a torchvision
-        ``RandomResizedCrop``); required when ``views > 0``. It draws from
-        the worker processes' random state, so views are not reproducible.
+        ``RandomResizedCrop``); required when ``views > 0``. It may draw from
+        torch's, Python's or NumPy's global generator: before an image's views
+        are drawn, all three are seeded from ``random_state`` and the image's
+        position in the source (and restored after), so that its views do not
+        depend on the loader's workers, the batch size, a shard or a resumed
+        run.
     layers : sequence of str, default=None
         Names of submodules of the backbone's module (as in
         ``module.named_modules()``, e.g. ``"model._blocks.10"`` for
@@ -563,6 +592,9 @@ def extract(
         :class:`~ltlearn.BalancedSoftmaxClassifier` trained and tested on the
         views. A recipe chooses ``layers``, ``views`` and ``view_transform``
         itself: passing any of them, or ``cut``, with it is an error.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the views (see ``view_transform``): an int gives the same views
+        in every run. None draws a seed from NumPy's global generator.
     verbose : bool, default=True
         Progress bar with rate and time left.
 
@@ -675,10 +707,21 @@ def extract(
         if num_workers is None:
             num_workers = 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
         spec = getattr(backbone.preprocess, "resize_spec", lambda: None)()
+        # scikit-learn only here: the command's start-up does not pay for it.
+        from sklearn.utils import check_random_state
+
+        view_seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
         size = None if spec is None else tuple(spec[0])
         loader = DataLoader(
             _Preprocessed(
-                source, backbone.preprocess, start + done, stop, views, view_transform, size=size
+                source,
+                backbone.preprocess,
+                start + done,
+                stop,
+                views,
+                view_transform,
+                size=size,
+                seed=view_seed,
             ),
             batch_size=batch_size,
             num_workers=num_workers,
