@@ -579,7 +579,7 @@ def _random_view(image):
     image = image.crop((left, top, left + 16, top + 16))
     if random.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = np.asarray(image, dtype=np.float64) * np.random.uniform(0.5, 1.5)
+    pixels = np.asarray(image, dtype=np.float64) * np.random.uniform(0.5, 1.5)  # noqa: NPY002
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 

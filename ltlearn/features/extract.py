@@ -73,16 +73,16 @@ class _Preprocessed(Dataset):
         so that a loader without workers leaves the caller's state alone.
         """
         seeds = np.random.SeedSequence([self.seed, index]).generate_state(3)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
+        python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(seeds[0]))
                 random.seed(int(seeds[1]))
-                np.random.seed(int(seeds[2]))
+                np.random.seed(int(seeds[2]))  # noqa: NPY002 (the global one augmentations read)
                 return [self.view_transform(image) for _ in range(self.views)]
         finally:
             random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            np.random.set_state(numpy_state)  # noqa: NPY002
 
     def __len__(self):
         return self.stop - self.start
