@@ -8,8 +8,12 @@ the long-tailed training images and the test images, once (cached under
   times are ratios to it) with post-hoc logit adjustment;
 - ``BalancedSoftmaxClassifier()`` on the frozen embedding (``../shared``'s file);
 - ``BalancedSoftmaxClassifier(head=TopStage())`` on the activations;
-- ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``);
-- ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``).
+- ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``; with
+  ``--views``, trained on them too);
+- ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``; its tops
+  take no views yet),
+
+the multi-expert models with each TopStage variant's settings (``--train`` or ``--variants``).
 
 It prints uniform accuracy, head / middle / tail accuracy (3 / 4 / 3 classes by training
 size), ECE, the 11-set test-agnostic mean with ``adapt()``, fit time; then the extraction
@@ -20,7 +24,9 @@ Every choice inside a fit (the epoch kept) is made on held-out training rows.
 settings are chosen. It fits on the long-tailed training rows and scores a balanced pool of
 500 training images per class drawn outside them (a class with fewer outside, the head
 class at IR 100, gives its 500 from its own rows, which then leave the fit), after the
-probe and after every fine-tuning epoch of each TopStage variant (``--variants``, JSON).
+probe and after every fine-tuning epoch of each TopStage variant (``--variants``, JSON),
+and SADE's 11 shifted sets drawn from the pool with ``adapt()``; ``--sade`` and ``--ride``
+add those models with each variant's top settings, every expert its own top.
 With ``--views K`` (either protocol) BalancedSoftmax's fine-tuning also draws from K augmented
 views of each training image (reflect-padded random crops and mirrors), extracted at the same
 cut and cached beside; ``--variants`` sets the TopStage models of the test protocol too.
@@ -257,12 +263,21 @@ def validation_pool(args, train_labels, ratio, seed):
     E_pool, _ = embeddings_by_id(pool_ids, "train")
     frozen = BalancedSoftmaxClassifier(random_state=seed).fit(E, y)
     rows = [
-        ("BalancedSoftmax, frozen embedding", "-", 100 * frozen.score(E_pool, y_pool), "-", "-")
+        (
+            "BalancedSoftmax, frozen embedding",
+            "-",
+            100 * frozen.score(E_pool, y_pool),
+            pool_shifted_mean(frozen, E_pool, y_pool),
+            "-",
+            "-",
+        )
     ]
     print(f"IR {ratio:g} seed {seed}: fit on {len(y)} rows, pool {len(y_pool)} rows", flush=True)
     print(rows[0], flush=True)
     P_t = torch.as_tensor(np.asarray(P, dtype=np.float32))
+    views = f", {args.views} views" if args.views else ""
     for variant in json.loads(args.variants or DEFAULT_VARIANTS):
+        settings = ", ".join(f"{k}={v!r}" for k, v in variant.items())
         stage = TopStage(cut=args.cut, **variant)
         shared = stage.build(A.shape[1:])[0] if stage.train == "last" else torch.nn.Identity()
         with torch.no_grad():
@@ -273,10 +288,10 @@ def validation_pool(args, train_labels, ratio, seed):
         seconds = time.perf_counter() - start
         curve = " / ".join(f"{100 * pool:.2f}" for _, pool in scores.curve) or "-"
         row = (
-            f"TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())})"
-            + (f", {args.views} views" if args.views else ""),
+            f"TopStage({settings}){views}",
             curve,
             100 * model.score(P, y_pool),
+            pool_shifted_mean(model, P, y_pool),
             model.best_epoch_,
             f"{seconds:.0f}",
         )
@@ -285,10 +300,47 @@ def validation_pool(args, train_labels, ratio, seed):
         print(f"  kept, each pool map averaged with its mirror image: {mirror:.2f}", flush=True)
         held = [round(100 * h, 2) for h, _ in scores.curve]
         print(row, f"held-out balanced: {held}", flush=True)
-    print("\n| seed | model | pool accuracy, probe / epoch 1 / ... | kept | epoch kept | fit s |")
-    print("|---|---|---|---|---|---|")
-    for name, curve, kept, epoch, seconds in rows:
-        print(f"| {seed} | {name} | {curve} | {kept:.2f} | {epoch} | {seconds} |")
+        # The multi-expert models with the same top settings, each expert its own top.
+        multi = []
+        if args.sade:
+            multi.append(("SADE", SADEClassifier, {"expert_head": args.expert_head}, V))
+        if args.ride:
+            multi.append(("RIDE", RIDEClassifier, {}, None))  # RIDE's tops take no views yet
+        for label, cls, params, fit_views in multi:
+            stage = TopStage(cut=args.cut, experts=args.experts, **variant)
+            start = time.perf_counter()
+            model = cls(head=stage, random_state=seed, **params).fit(A, y, views=fit_views)
+            seconds = time.perf_counter() - start
+            row = (
+                f"{label}, TopStage({settings}, experts={args.experts!r})"
+                + ("" if fit_views is None else views),
+                "-",
+                100 * model.score(P, y_pool),
+                pool_shifted_mean(model, P, y_pool),
+                model.best_epoch_,
+                f"{seconds:.0f}",
+            )
+            rows.append(row)
+            print(row, flush=True)
+            if cls is SADEClassifier:
+                # Each expert's logits alone (forward, uniform, backward): is the gain
+                # the uniform expert's own, or their combination's?
+                logits = model._logits(model._validate(P))
+                alone = [100 * np.mean(model.classes_[z.argmax(1)] == y_pool) for z in logits]
+                print("  experts alone on the pool:", [round(a, 2) for a in alone], flush=True)
+    print(
+        "\n| seed | model | pool accuracy, probe / epoch 1 / ... | kept | 11-set mean on the "
+        "pool, adapt() | epoch kept | fit s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, curve, kept, shifted, epoch, seconds in rows:
+        print(f"| {seed} | {name} | {curve} | {kept:.2f} | {shifted:.2f} | {epoch} | {seconds} |")
+
+
+def pool_shifted_mean(model, X_pool, y_pool):
+    """SADE's 11 shifted sets drawn from the balanced pool: mean accuracy with ``adapt()``."""
+    shifted = evaluate_test_agnostic(model, X_pool, y_pool, adapt={}, random_state=0)
+    return 100 * float(np.mean(list(shifted.values())))
 
 
 def main():
@@ -380,35 +432,40 @@ def main():
                         A_test,
                     )
                 )
-            if args.sade:
-                models.append(
-                    (
-                        f"SADE {args.expert_head}, TopStage(experts={args.experts!r})",
-                        SADEClassifier,
-                        {
-                            "head": TopStage(cut=args.cut, experts=args.experts),
-                            "expert_head": args.expert_head,
-                        },
-                        A_train,
-                        A_test,
-                    )
+            # The multi-expert models with each variant's top settings, every expert its own.
+            for variant in variants if args.sade or args.ride else []:
+                settings = ", ".join(
+                    f"{k}={v!r}" for k, v in {**variant, "experts": args.experts}.items()
                 )
-            if args.ride:
-                models.append(
-                    (
-                        f"RIDE, TopStage(experts={args.experts!r})",
-                        RIDEClassifier,
-                        {"head": TopStage(cut=args.cut, experts=args.experts)},
-                        A_train,
-                        A_test,
+                stage = TopStage(cut=args.cut, experts=args.experts, **variant)
+                if args.sade:
+                    models.append(
+                        (
+                            f"SADE {args.expert_head}, TopStage({settings})"
+                            + (f", {args.views} views" if args.views else ""),
+                            SADEClassifier,
+                            {"head": stage, "expert_head": args.expert_head},
+                            A_train,
+                            A_test,
+                        )
                     )
-                )
+                if args.ride:
+                    models.append(
+                        (
+                            f"RIDE, TopStage({settings})",
+                            RIDEClassifier,
+                            {"head": stage},
+                            A_train,
+                            A_test,
+                        )
+                    )
             V = train_views(args, keep, train_ids, path.stem, seed) if args.views else None
             for name, cls, params, X_fit, X_eval in models:
                 top = X_fit is A_train
                 start = time.perf_counter()
+                # RIDE's tops take no views yet (its router's stage revisits the plain rows).
                 model = cls(random_state=seed, **params).fit(
-                    X_fit, y_train, views=V if top and cls is BalancedSoftmaxClassifier else None
+                    X_fit, y_train, views=V if top and cls is not RIDEClassifier else None
                 )
                 fit_seconds = time.perf_counter() - start
                 row = evaluate(name, model, X_eval, y_test, fit_seconds, lr_seconds)
