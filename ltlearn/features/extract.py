@@ -72,15 +72,19 @@ class _Preprocessed(Dataset):
         NumPy's global generator: all three are seeded, and restored after,
         so that a loader without workers leaves the caller's state alone.
         """
+        if not self.views:
+            return []
         seeds = np.random.SeedSequence([self.seed, index]).generate_state(3)
-        python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+        # Saved and restored by hand: torch.random.fork_rng formats a stack trace per call.
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        numpy_state = np.random.get_state()  # noqa: NPY002
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seeds[0]))
-                random.seed(int(seeds[1]))
-                np.random.seed(int(seeds[2]))  # noqa: NPY002 (the global one augmentations read)
-                return [self.view_transform(image) for _ in range(self.views)]
+            torch.manual_seed(int(seeds[0]))
+            random.seed(int(seeds[1]))
+            np.random.seed(int(seeds[2]))  # noqa: NPY002 (the global one augmentations read)
+            return [self.view_transform(image) for _ in range(self.views)]
         finally:
+            torch.set_rng_state(torch_state)
             random.setstate(python_state)
             np.random.set_state(numpy_state)  # noqa: NPY002
 
