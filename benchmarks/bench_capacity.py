@@ -10,8 +10,8 @@ the long-tailed training images and the test images, once (cached under
 - ``BalancedSoftmaxClassifier(head=TopStage())`` on the activations;
 - ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``; with
   ``--views``, trained on them too);
-- ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``; its tops
-  take no views yet),
+- ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``; with
+  ``--views``, its tops trained on them, its router on the plain rows),
 
 the multi-expert models with each TopStage variant's settings (``--train`` or ``--variants``).
 
@@ -305,7 +305,7 @@ def validation_pool(args, train_labels, ratio, seed):
         if args.sade:
             multi.append(("SADE", SADEClassifier, {"expert_head": args.expert_head}, V))
         if args.ride:
-            multi.append(("RIDE", RIDEClassifier, {}, None))  # RIDE's tops take no views yet
+            multi.append(("RIDE", RIDEClassifier, {}, V))
         for label, cls, params, fit_views in multi:
             stage = TopStage(cut=args.cut, experts=args.experts, **variant)
             start = time.perf_counter()
@@ -463,9 +463,8 @@ def main():
             for name, cls, params, X_fit, X_eval in models:
                 top = X_fit is A_train
                 start = time.perf_counter()
-                # RIDE's tops take no views yet (its router's stage revisits the plain rows).
                 model = cls(random_state=seed, **params).fit(
-                    X_fit, y_train, views=V if top and cls is not RIDEClassifier else None
+                    X_fit, y_train, views=V if top else None
                 )
                 fit_seconds = time.perf_counter() - start
                 row = evaluate(name, model, X_eval, y_test, fit_seconds, lr_seconds)

@@ -339,8 +339,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
     #: Whether ``fit`` can stream ``X`` from a feature file, and train on augmented
-    #: views: estimators whose later training stages revisit chosen rows of plain
-    #: features in memory set this to False.
+    #: views of embeddings: estimators whose later training stages revisit chosen rows
+    #: of plain features in memory set this to False (with a TopStage head, the views
+    #: train the top and the later stages read the plain rows through it).
     _streamable = True
 
     def _check_views(self, views, n_rows, where):
@@ -586,10 +587,13 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                     "views need X in memory; read the split and its views first, e.g. "
                     "X, y, views = FeatureFile(path).read_with_views(split)."
                 )
-            if not self._streamable:
+            # With a top, views train the top; the later stages read the plain rows'
+            # embeddings through it.
+            if not self._streamable and not self._uses_top():
                 raise ValueError(
-                    f"{type(self).__name__} does not train on views: its later training stages "
-                    "revisit chosen rows of the plain features."
+                    f"{type(self).__name__} does not train on views of embeddings: its later "
+                    "training stages revisit chosen rows of the plain features. With "
+                    "head=TopStage(...) on activations, views train the experts' tops."
                 )
             views = self._check_views(views, len(X), "fit")
         if self._uses_top() and getattr(self, "tail_synthesis", 0):

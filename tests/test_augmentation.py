@@ -96,7 +96,7 @@ def test_view_errors_name_the_problem(digits, tmp_path):
     bad[0, 1, 0] = np.nan
     with pytest.raises(ValueError, match="views passed to fit contain NaN"):
         model.fit(X, y, views=bad)
-    with pytest.raises(ValueError, match="RIDEClassifier does not train on views"):
+    with pytest.raises(ValueError, match="RIDEClassifier does not train on views of embeddings"):
         RIDEClassifier(max_epochs=2, **FAST).fit(X, y, views=np.stack([X], axis=1))
     model.fit(X, y)
     with pytest.raises(ValueError, match=r"views passed to prediction must have shape \(5,"):

@@ -422,6 +422,25 @@ def test_sade_experts_tops_train_on_the_maps_views():
     assert max(float((weights[0] - w).abs().max()) for w in weights[1:]) > 1e-3
 
 
+def test_ride_experts_tops_train_on_the_maps_views_and_the_router_on_the_plain_rows():
+    # RIDE refuses views of embeddings (its router's stage revisits plain rows); with
+    # tops, the views train the tops and the router reads the plain rows through them.
+    X, y = activations(60)
+    rng = np.random.RandomState(1)
+    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
+    V[np.arange(60), :, y] *= 2.0
+    X_test, y_test = activations(2000, seed=2)
+    stage = TopStage(
+        top=two_layer_top(), train="all", experts="all", epochs=20, lr=1e-2, validation_fraction=0
+    )
+    plain, viewed = (
+        RIDEClassifier(head=clone(stage), random_state=0).fit(X, y, views=views)
+        for views in (None, V)
+    )
+    assert viewed.score(X_test, y_test) > plain.score(X_test, y_test) + 0.03  # 0.78 -> 0.86
+    assert len(viewed.router_history_) > 0
+
+
 def test_views_of_a_cut_file_come_back_in_the_maps_shape(tmp_path):
     images = Images(torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1]))
     backbone = cut_backbone()
