@@ -96,9 +96,7 @@ def plot_summary(page=PAGE, out=FIGURE):
     right.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     left.set_yticks(positions, methods)
     left.invert_yaxis()  # the table's order, top to bottom
-    figure.suptitle(
-        "CIFAR-10-LT, IR 100, 5 seeds († rows: 3) (grey, dashed: the tuned LogisticRegression)"
-    )
+    figure.suptitle("CIFAR-10-LT, IR 100, 5 seeds (grey, dashed: the tuned LogisticRegression)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
