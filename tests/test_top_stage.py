@@ -51,6 +51,17 @@ def activations(n, seed=0):
     return X.astype(np.float32), y
 
 
+def few_maps_with_views():
+    """60 training maps with 3 views each, a view being another draw of the row's class
+    (what an augmented image adds), and 2,000 test maps."""
+    X, y = activations(60)
+    rng = np.random.RandomState(1)
+    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
+    V[np.arange(60), :, y] *= 2.0
+    X_test, y_test = activations(2000, seed=2)
+    return X, y, V, X_test, y_test
+
+
 class Images(TensorDataset):
     classes = ["a", "b"]
 
@@ -358,13 +369,8 @@ def test_training_only_the_last_part_leaves_the_rest_as_it_was():
 
 
 def test_views_of_the_maps_join_the_training_of_the_top():
-    # A view here is another draw of the row's class (what an augmented image adds):
-    # on few rows, training on them generalises better than on the rows alone.
-    X, y = activations(60)
-    rng = np.random.RandomState(1)
-    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
-    V[np.arange(60), :, y] *= 2.0
-    X_test, y_test = activations(2000, seed=2)
+    # On few rows, training on the views generalises better than on the rows alone.
+    X, y, V, X_test, y_test = few_maps_with_views()
     stage = TopStage(top=two_layer_top(), epochs=20, lr=1e-2, validation_fraction=0)
     plain = BalancedSoftmaxClassifier(head=stage, random_state=0).fit(X, y)
     viewed = BalancedSoftmaxClassifier(head=clone(stage), random_state=0).fit(X, y, views=V)
@@ -402,12 +408,8 @@ def test_views_of_the_maps_join_the_training_of_the_top():
 
 def test_sade_experts_tops_train_on_the_maps_views():
     # As for one top: each expert's own top reads the views' maps, and on few rows that
-    # generalises better (0.82 -> 0.88 here; the recipe that reached 80.7 % on CIFAR-10-LT).
-    X, y = activations(60)
-    rng = np.random.RandomState(1)
-    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
-    V[np.arange(60), :, y] *= 2.0
-    X_test, y_test = activations(2000, seed=2)
+    # generalises better (0.82 -> 0.88 here; on CIFAR-10-LT, SADE's most accurate setting).
+    X, y, V, X_test, y_test = few_maps_with_views()
     stage = TopStage(
         top=two_layer_top(), train="all", experts="all", epochs=20, lr=1e-2, validation_fraction=0
     )
@@ -425,11 +427,7 @@ def test_sade_experts_tops_train_on_the_maps_views():
 def test_ride_experts_tops_train_on_the_maps_views_and_the_router_on_the_plain_rows():
     # RIDE refuses views of embeddings (its router's stage revisits plain rows); with
     # tops, the views train the tops and the router reads the plain rows through them.
-    X, y = activations(60)
-    rng = np.random.RandomState(1)
-    V = rng.randn(60, 3, 4, 3, 3).astype(np.float32)
-    V[np.arange(60), :, y] *= 2.0
-    X_test, y_test = activations(2000, seed=2)
+    X, y, V, X_test, y_test = few_maps_with_views()
     stage = TopStage(
         top=two_layer_top(), train="all", experts="all", epochs=20, lr=1e-2, validation_fraction=0
     )
