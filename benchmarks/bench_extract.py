@@ -17,9 +17,13 @@ same run:
   images (it must not grow with the data set);
 - with ``--engines``, other CPU engines: eager torch, TorchScript, torch.compile;
 - with ``--full``, the whole of CIFAR-10 (50,000 training and 10,000 test
-  images) with the default settings, then with 2 augmented views per image.
+  images) with the default settings, then with 2 augmented views per image;
+- with ``--cut NAME``, activations at a cut (``extract(cut=NAME)``): the bare
+  forward pass of the exported trunk, ``extract`` with its default (no
+  compression of the activations) and with gzip as before (target >= 0.9 of
+  the bare forward), and each file's size.
 
-    python benchmarks/bench_extract.py [--images 2048] [--engines] [--full]
+    python benchmarks/bench_extract.py [--images 2048] [--engines] [--full] [--cut model._blocks.14]
 """
 
 import argparse
@@ -128,6 +132,40 @@ def engines_table(backbone, batches, batches_uint8):
         print(f"| {label} | {rate:.1f} |")
 
 
+def cut_table(subset, backbone, cut, batches_uint8, tmp):
+    trunk, _ = backbone.split(cut)
+    size, scale, shift = backbone.preprocess.resize_spec()
+    resize = ResizeNormalize(tuple(batches_uint8[0].shape[-2:]), size, scale, shift)
+    with torch.inference_mode():
+        bare = images_per_second(
+            _OnnxRuntime(
+                _Embedding(backbone, resize, trunk=trunk), Path(tmp) / "c.onnx", True, "c"
+            ),
+            batches_uint8,
+        )
+    pipeline(_Subset(subset, range(8)), backbone, tmp, "warm_cut", cut=cut)
+    rows = [("bare forward of the trunk, onnxruntime, uint8 input", bare, None)]
+    for label, compression in (
+        ("extract(cut=...), default: no compression", "auto"),
+        ("extract(cut=...), gzip (the default before)", "gzip"),
+    ):
+        rate, out = pipeline(
+            subset,
+            backbone,
+            tmp,
+            f"cut_{compression}",
+            "warm_cut",
+            cut=cut,
+            compression=compression,
+        )
+        rows.append((label, rate, out.stat().st_size / 2**20))
+    print(f"\n| activations at {cut} | images/s | vs bare forward | file MiB |")
+    print("|---|---|---|---|")
+    for label, rate, mib in rows:
+        size_text = "" if mib is None else f"{mib:.0f}"
+        print(f"| {label} | {rate:.1f} | {rate / bare:.2f} | {size_text} |")
+
+
 def full_run(backbone, batch_size):
     from torchvision import transforms
 
@@ -171,6 +209,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--engines", action="store_true", help="also time other CPU engines")
     parser.add_argument("--full", action="store_true", help="also extract the whole CIFAR-10")
+    parser.add_argument("--cut", help="also time extract(cut=CUT), e.g. model._blocks.14")
     args = parser.parse_args()
     if not args.zip.exists():
         raise SystemExit(f"{args.zip} not found; pass --zip FILE.")
@@ -230,6 +269,8 @@ def main():
             with PeakRSS() as mem:
                 pipeline(_Subset(source, picks[:n]), backbone, tmp, f"m{n}", warm_cache="warm")
             print(f"| {n} | {mem.mib:.0f} |")
+        if args.cut:
+            cut_table(subset, backbone, args.cut, batches_uint8, tmp)
 
     if args.engines:
         engines_table(backbone, batches, batches_uint8)

@@ -2,6 +2,7 @@
 
 import pickle
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -145,6 +146,26 @@ def test_cut_file_round_trips_and_its_top_gives_the_embedding(tmp_path):
         assert f.row_shape == (4, 6, 6)
         # Batches of other sizes may round a float16 value the other way.
         np.testing.assert_allclose(f.read("train")[0], X, atol=1e-3)
+
+
+def test_cut_files_are_stored_uncompressed_unless_asked(tmp_path):
+    images = Images(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    backbone = cut_backbone()
+
+    def stored(**options):
+        path = extract(
+            images, backbone, tmp_path / f"{options}.h5", engine="torch", verbose=False, **options
+        )
+        with h5py.File(path, "r") as f:
+            return f["train/features"].compression, f["train/features"][()]
+
+    plain, rows = stored(cut="1")
+    squeezed, same_rows = stored(cut="1", compression="gzip")
+    assert (plain, squeezed, stored()[0]) == (None, "gzip", "gzip")
+    np.testing.assert_array_equal(rows, same_rows)
+    with pytest.raises(ValueError, match="compression must be 'auto', 'gzip', 'lzf' or None"):
+        extract(images, backbone, tmp_path / "f.h5", compression="zstd", verbose=False)
+    assert not (tmp_path / "f.h5").exists()
 
 
 def test_cut_extraction_resumes_where_it_stopped(tmp_path):

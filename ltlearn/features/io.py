@@ -897,6 +897,8 @@ class FeatureWriter:
             raise ValueError(f"mode must be 'x', 'w' or 'a'; got {mode!r}.")
         if np.dtype(dtype) not in (np.float16, np.float32):
             raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}.")
+        if compression not in ("gzip", "lzf", None):
+            raise ValueError(f"compression must be 'gzip', 'lzf' or None; got {compression!r}.")
         self.path = Path(path)
         self.classes = [str(c) for c in classes]
         if len(self.classes) < 1:
