@@ -11,7 +11,10 @@ the long-tailed training images and the test images, once (cached under
 - ``SADEClassifier(head=TopStage(experts=...))`` on the activations (``--sade``; with
   ``--views``, trained on them too);
 - ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``; with
-  ``--views``, its tops trained on them, its router on the plain rows),
+  ``--views``, its tops trained on them, its router on the plain rows);
+- ``PRLClassifier(head=TopStage())`` on the activations (``--prl``): one top shared by
+  the preferences, the hypernetwork generating the head over it (with ``--views``,
+  trained on them too),
 
 the multi-expert models with each TopStage variant's settings (``--train`` or ``--variants``).
 
@@ -25,8 +28,9 @@ settings are chosen. It fits on the long-tailed training rows and scores a balan
 500 training images per class drawn outside them (a class with fewer outside, the head
 class at IR 100, gives its 500 from its own rows, which then leave the fit), after the
 probe and after every fine-tuning epoch of each TopStage variant (``--variants``, JSON),
-and SADE's 11 shifted sets drawn from the pool with ``adapt()``; ``--sade`` and ``--ride``
-add those models with each variant's top settings, every expert its own top.
+and SADE's 11 shifted sets drawn from the pool with ``adapt()``; ``--sade``, ``--ride``
+and ``--prl`` add those models with each variant's top settings, every expert its own top
+(PRL: one top shared by its preferences).
 With ``--views K`` (either protocol) BalancedSoftmax's fine-tuning also draws from K augmented
 views of each training image (reflect-padded random crops and mirrors), extracted at the same
 cut and cached beside; ``--variants`` sets the TopStage models of the test protocol too.
@@ -46,7 +50,13 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier, _training
+from ltlearn import (
+    BalancedSoftmaxClassifier,
+    PRLClassifier,
+    RIDEClassifier,
+    SADEClassifier,
+    _training,
+)
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.features import FeatureFile, extract
 from ltlearn.features.recipes import PadCropFlip
@@ -306,6 +316,8 @@ def validation_pool(args, train_labels, ratio, seed):
             multi.append(("SADE", SADEClassifier, {"expert_head": args.expert_head}, V))
         if args.ride:
             multi.append(("RIDE", RIDEClassifier, {}, V))
+        if args.prl:
+            multi.append(("PRL", PRLClassifier, {}, V))
         for label, cls, params, fit_views in multi:
             stage = TopStage(cut=args.cut, experts=args.experts, **variant)
             start = time.perf_counter()
@@ -350,6 +362,7 @@ def main():
     parser.add_argument("--cut", default="model._blocks.14")
     parser.add_argument("--sade", action="store_true", help="also fit SADE with per-expert tops")
     parser.add_argument("--ride", action="store_true", help="also fit RIDE with per-expert tops")
+    parser.add_argument("--prl", action="store_true", help="also fit PRL with a shared top")
     parser.add_argument("--experts", default="head", choices=["all", "head"])
     parser.add_argument(
         "--expert-head", default="cosine", choices=["linear", "cosine"], help="SADE's experts"
@@ -433,7 +446,7 @@ def main():
                     )
                 )
             # The multi-expert models with each variant's top settings, every expert its own.
-            for variant in variants if args.sade or args.ride else []:
+            for variant in variants if args.sade or args.ride or args.prl else []:
                 settings = ", ".join(
                     f"{k}={v!r}" for k, v in {**variant, "experts": args.experts}.items()
                 )
@@ -454,6 +467,17 @@ def main():
                         (
                             f"RIDE, TopStage({settings})",
                             RIDEClassifier,
+                            {"head": stage},
+                            A_train,
+                            A_test,
+                        )
+                    )
+                if args.prl:
+                    models.append(
+                        (
+                            f"PRL, TopStage({settings}), one top"
+                            + (f", {args.views} views" if args.views else ""),
+                            PRLClassifier,
                             {"head": stage},
                             A_train,
                             A_test,

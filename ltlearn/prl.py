@@ -10,6 +10,9 @@ anywhere between the three experts, without refitting.
 The backbone is frozen here, so the generated head works on cached features:
 what the paper generates for a network's last layer, this module generates for
 a shared linear head, as class-wise logit shifts and a low-rank weight update.
+With ``head=TopStage(...)`` on activations cached at a cut, the backbone's top
+stage is fine-tuned under the same loss, shared by the experts (the memory-light
+arrangement: one top, the preference generating the head over its embedding).
 """
 
 import math
@@ -20,13 +23,14 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ltlearn._base import TorchHeadClassifier, _decision, _log_proba, _proba
 from ltlearn._training import seed_from
 from ltlearn.heads import init_linear
 from ltlearn.losses import PRLLoss, inverse_prior
+from ltlearn.top_stage import TopStage
 
 __all__ = ["PRLClassifier", "PRLNetwork"]
 
@@ -209,6 +213,12 @@ class PRLClassifier(TorchHeadClassifier):
         Hidden width of the hypernetwork.
     adapter_size : int or None, default=None
         Hidden width of an optional residual adapter on the features.
+    head : "linear" or TopStage, default="linear"
+        What the generated head reads: the features, or, with a
+        :class:`~ltlearn.top_stage.TopStage` and activations cached at a cut,
+        the embedding of a copy of the backbone's top stage, fine-tuned with
+        the hypernetwork and shared by every preference (``experts`` of the
+        TopStage is not used: PRL's experts are points of one generated head).
     tail_synthesis : float in [0, 1], default=0.0
         Synthesise features for small classes during training, up to this
         fraction of the largest class's count: each synthetic feature is a
@@ -351,6 +361,7 @@ class PRLClassifier(TorchHeadClassifier):
         "rank": [Interval(Integral, 0, None, closed="left")],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
+        "head": [StrOptions({"linear"}), TopStage],
         "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
     }
 
@@ -364,6 +375,7 @@ class PRLClassifier(TorchHeadClassifier):
         rank=0,
         hidden_size=64,
         adapter_size=None,
+        head="linear",
         tail_synthesis=0.0,
         normalize="l2",
         optimizer="adam",
@@ -387,6 +399,7 @@ class PRLClassifier(TorchHeadClassifier):
         self.rank = rank
         self.hidden_size = hidden_size
         self.adapter_size = adapter_size
+        self.head = head
         self.tail_synthesis = tail_synthesis
         self.normalize = normalize
         self.optimizer = optimizer
@@ -451,6 +464,11 @@ class PRLClassifier(TorchHeadClassifier):
     def _prediction_module(self, trained):
         return trained.network
 
+    def _network(self):
+        """The fitted :class:`PRLNetwork` (behind the top stage with a TopStage head)."""
+        head = self.module_.head
+        return head.head if self._uses_top() else head
+
     def _source_logits(self, X):
         # The uniform corner was fitted with softmax(logits + log(prior)) to the labels.
         r_hat = self._r_hats(["uniform"])
@@ -485,7 +503,7 @@ class PRLClassifier(TorchHeadClassifier):
         """
         self._concentrations()  # a bad beta fails before any training
         super().fit(X, y, sample_weight=sample_weight, views=views)
-        self.r_ = self.module_.head.r.detach().numpy().astype(np.float64)
+        self.r_ = self._network().r.detach().numpy().astype(np.float64)
         return self
 
     # -- preferences ------------------------------------------------------------
@@ -525,7 +543,8 @@ class PRLClassifier(TorchHeadClassifier):
         if len(preferences) == 0:
             raise ValueError("preferences is empty; give at least one preference.")
         alphas = np.stack([self._check_preference(p) for p in preferences])
-        weighted = alphas * self.r_
+        # The network's own r: fit's calibration on a top's held-out rows reads it before r_.
+        weighted = alphas * self._network().r.detach().numpy().astype(np.float64)
         return torch.as_tensor(weighted / weighted.sum(axis=1, keepdims=True), dtype=torch.float32)
 
     def _scores(self, X, preference=None):
@@ -533,7 +552,7 @@ class PRLClassifier(TorchHeadClassifier):
         if preference is None:
             preference = getattr(self, "preference_", self.preference)
         r_hat = self._r_hats([preference])
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         return self._logits(X, r_hat)[0]
 
     def preference_for_imbalance(self, imbalance_ratio, direction="forward"):
@@ -628,7 +647,7 @@ class PRLClassifier(TorchHeadClassifier):
         if prior.sum() <= 0:
             raise ValueError("prior must have a positive sum.")
         prior = prior / prior.sum()
-        basis = self.module_.head.shift_basis.numpy().astype(np.float64)[[0, 2]]
+        basis = self._network().shift_basis.numpy().astype(np.float64)[[0, 2]]
 
         def objective(t):
             # Cross-entropy of softmax(t @ basis) under prior: KL up to a constant.
@@ -661,7 +680,7 @@ class PRLClassifier(TorchHeadClassifier):
         if preference is None:
             return super()._balanced_logits(X)
         r_hat = self._r_hats([preference])
-        offsets = (r_hat @ self.module_.head.shift_basis).numpy()[0]
+        offsets = (r_hat @ self._network().shift_basis).numpy()[0]
         return self._logits(X, r_hat)[0].astype(np.float64) - offsets
 
     def adapt(self, X, *, method="map", validation=None, views=None, significance=0.05, **options):
@@ -805,7 +824,7 @@ class PRLClassifier(TorchHeadClassifier):
         """
         check_is_fitted(self)
         r_hats = self._r_hats(list(preferences))
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._validate(X)
         return self._logits(X, r_hats)
 
     def predict_many(self, X, preferences):

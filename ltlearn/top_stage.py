@@ -114,8 +114,8 @@ class TopStage(BaseEstimator):
     """The backbone's top, trained with the classifier on activations cached at a cut.
 
     Pass it as the ``head`` of :class:`~ltlearn.BalancedSoftmaxClassifier`,
-    :class:`~ltlearn.SADEClassifier` or :class:`~ltlearn.RIDEClassifier`,
-    and fit on the activations of ``extract(..., cut=cut)``
+    :class:`~ltlearn.SADEClassifier`, :class:`~ltlearn.RIDEClassifier` or
+    :class:`~ltlearn.PRLClassifier`, and fit on the activations of ``extract(..., cut=cut)``
     (``FeatureFile.read`` returns them as ``(n, C, H, W)``). The estimator's
     own settings (``lr``, ``max_epochs``, ``normalize`` ...) fit its head on
     the frozen top's embeddings first; the settings here then fine-tune top
@@ -414,8 +414,9 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
         estimator.lr, estimator.batch_size, estimator.max_epochs, len(train), n_features
     )
     n_steps = max_epochs * math.ceil(len(train) / min(batch_size, len(train)))
-    criterion = estimator._make_criterion(prior, n_steps + stage.n_steps(len(train)))
-    head = estimator._make_module(n_features, n_classes, prior, generator, n_steps)
+    total_steps = n_steps + stage.n_steps(len(train))
+    criterion = estimator._make_criterion(prior, total_steps)
+    head = estimator._make_module(n_features, n_classes, prior, generator, total_steps)
     common = dict(
         balanced_sampling=getattr(estimator, "balanced_sampling", False),
         device=device,

@@ -9,7 +9,12 @@ import torch
 from sklearn.base import clone
 from torch.utils.data import TensorDataset
 
-from ltlearn import BalancedSoftmaxClassifier, RIDEClassifier, SADEClassifier
+from ltlearn import (
+    BalancedSoftmaxClassifier,
+    PRLClassifier,
+    RIDEClassifier,
+    SADEClassifier,
+)
 from ltlearn._base import TorchHeadClassifier
 from ltlearn.datasets import long_tailed_subset
 from ltlearn.exceptions import LtlearnError
@@ -348,6 +353,36 @@ def test_ride_experts_own_their_tops_and_the_router_reads_them():
     np.testing.assert_allclose(reloaded.predict_proba(X[:5]), clf.predict_proba(X[:5]), atol=1e-6)
     with pytest.raises(ValueError, match="rows of shape"):
         clf.predict(X[:, :3])
+
+
+def test_prl_trains_a_shared_top_that_every_preference_reads():
+    X, y = activations(2000)
+    X_test, y_test = activations(1000, seed=1)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    frozen = PRLClassifier(head=TopStage(top=small_top(), epochs=0), random_state=0)
+    trained = PRLClassifier(head=TopStage(top=small_top(), epochs=6, lr=3e-3), random_state=0)
+    frozen.fit(X[keep], y[keep])
+    trained.fit(X[keep], y[keep])
+    # The fine-tuned top gains what it gains under BalancedSoftmax's loss.
+    assert trained.score(X_test, y_test) > frozen.score(X_test, y_test) + 0.04
+    assert trained.best_epoch_ > 0 and len(trained.module_.head.tops) == 1
+    # Preferences steer the head over the one trained top, without refitting.
+    head_first = np.mean(trained.predict(X_test, preference="forward") == 0)
+    tail_first = np.mean(trained.predict(X_test, preference="backward") == 0)
+    assert head_first > tail_first
+    many = trained.decision_function_many(X_test[:5], ["forward", "uniform"])
+    np.testing.assert_allclose(
+        many[1], trained.decision_function(X_test[:5], preference="uniform"), atol=1e-5
+    )
+    # adapt() reads the top's uniform corner and steers to a test set's prior.
+    shifted = np.concatenate([np.flatnonzero(y_test == 0)] * 4 + [np.arange(100)])
+    adapted = pickle.loads(pickle.dumps(trained)).adapt(X_test[shifted])
+    assert adapted.shift_detected_ and adapted.test_prior_[0] > 0.5
+    assert adapted.score(X_test[shifted], y_test[shifted]) >= trained.score(
+        X_test[shifted], y_test[shifted]
+    )
+    with pytest.raises(ValueError, match="rows of shape"):
+        trained.predict(X_test[:, :3])
 
 
 def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsys):
