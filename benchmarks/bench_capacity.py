@@ -324,7 +324,8 @@ def validation_pool(args, train_labels, ratio, seed):
             model = cls(head=stage, random_state=seed, **params).fit(A, y, views=fit_views)
             seconds = time.perf_counter() - start
             row = (
-                f"{label}, TopStage({settings}, experts={args.experts!r})"
+                f"{label}, TopStage({settings}"
+                + (", one top)" if cls is PRLClassifier else f", experts={args.experts!r})")
                 + ("" if fit_views is None else views),
                 "-",
                 100 * model.score(P, y_pool),
@@ -475,7 +476,8 @@ def main():
                 if args.prl:
                     models.append(
                         (
-                            f"PRL, TopStage({settings}), one top"
+                            f"PRL, TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())}"
+                            + "), one top"
                             + (f", {args.views} views" if args.views else ""),
                             PRLClassifier,
                             {"head": stage},

@@ -312,7 +312,9 @@ class PRLClassifier(TorchHeadClassifier):
     r_ : ndarray of shape (3,)
         The learnt vector ``r``.
     module_ : ltlearn.heads.NormalizedHead
-        The fitted normaliser and :class:`PRLNetwork`, on the CPU in eval mode.
+        The fitted normaliser and :class:`PRLNetwork` (with a ``TopStage``
+        head: the fine-tuned top stage, then the network), on the CPU in
+        eval mode.
     criterion_ : ltlearn.losses.PRLLoss
         The training loss.
     n_iter_ : int
@@ -488,8 +490,9 @@ class PRLClassifier(TorchHeadClassifier):
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples in every expert's loss.
         views : array-like of shape (n_samples, n_views, n_features), default=None
-            Augmented views of each row; each step sees one view per image
-            (see ``BalancedSoftmaxClassifier.fit``).
+            Augmented views of each row (of each activation map, with a
+            ``TopStage`` head); each step sees one view per image (see
+            ``BalancedSoftmaxClassifier.fit``).
 
         Returns
         -------
