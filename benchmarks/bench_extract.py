@@ -132,10 +132,8 @@ def engines_table(backbone, batches, batches_uint8):
         print(f"| {label} | {rate:.1f} |")
 
 
-def cut_table(subset, backbone, cut, batches_uint8, tmp):
+def cut_table(subset, backbone, cut, resize, batches_uint8, tmp):
     trunk, _ = backbone.split(cut)
-    size, scale, shift = backbone.preprocess.resize_spec()
-    resize = ResizeNormalize(tuple(batches_uint8[0].shape[-2:]), size, scale, shift)
     with torch.inference_mode():
         bare = images_per_second(
             _OnnxRuntime(
@@ -270,7 +268,7 @@ def main():
                 pipeline(_Subset(source, picks[:n]), backbone, tmp, f"m{n}", warm_cache="warm")
             print(f"| {n} | {mem.mib:.0f} |")
         if args.cut:
-            cut_table(subset, backbone, args.cut, batches_uint8, tmp)
+            cut_table(subset, backbone, args.cut, resize, batches_uint8, tmp)
 
     if args.engines:
         engines_table(backbone, batches, batches_uint8)
