@@ -13,8 +13,9 @@ the long-tailed training images and the test images, once (cached under
 - ``RIDEClassifier(head=TopStage(experts=...))`` on the activations (``--ride``; with
   ``--views``, its tops trained on them, its router on the plain rows);
 - ``PRLClassifier(head=TopStage())`` on the activations (``--prl``): one top shared by
-  the preferences, the hypernetwork generating the head over it (with ``--views``,
-  trained on them too),
+  the preferences, the hypernetwork generating the head over it and scaling and shifting
+  the top's last channels (``--prl shared``: without that modulation, ``modulate_top=False``;
+  ``--prl both``: one of each; with ``--views``, trained on them too),
 
 the multi-expert models with each TopStage variant's settings (``--train`` or ``--variants``).
 
@@ -288,36 +289,38 @@ def validation_pool(args, train_labels, ratio, seed):
     views = f", {args.views} views" if args.views else ""
     for variant in json.loads(args.variants or DEFAULT_VARIANTS):
         settings = ", ".join(f"{k}={v!r}" for k, v in variant.items())
-        stage = TopStage(cut=args.cut, **variant)
-        shared = stage.build(A.shape[1:])[0] if stage.train == "last" else torch.nn.Identity()
-        with torch.no_grad():
-            inputs = torch.cat([shared(x) for x in P_t.split(256)])
-        start = time.perf_counter()
-        with PoolScores(inputs, y_pool) as scores:
-            model = BalancedSoftmaxClassifier(head=stage, random_state=seed).fit(A, y, views=V)
-        seconds = time.perf_counter() - start
-        curve = " / ".join(f"{100 * pool:.2f}" for _, pool in scores.curve) or "-"
-        row = (
-            f"TopStage({settings}){views}",
-            curve,
-            100 * model.score(P, y_pool),
-            pool_shifted_mean(model, P, y_pool),
-            model.best_epoch_,
-            f"{seconds:.0f}",
-        )
-        rows.append(row)
-        mirror = 100 * np.mean(model.predict(P, views=mirrored(P)) == y_pool)
-        print(f"  kept, each pool map averaged with its mirror image: {mirror:.2f}", flush=True)
-        held = [round(100 * h, 2) for h, _ in scores.curve]
-        print(row, f"held-out balanced: {held}", flush=True)
+        if not args.skip_single:
+            stage = TopStage(cut=args.cut, **variant)
+            shared = stage.build(A.shape[1:])[0] if stage.train == "last" else torch.nn.Identity()
+            with torch.no_grad():
+                inputs = torch.cat([shared(x) for x in P_t.split(256)])
+            start = time.perf_counter()
+            with PoolScores(inputs, y_pool) as scores:
+                model = BalancedSoftmaxClassifier(head=stage, random_state=seed).fit(A, y, views=V)
+            seconds = time.perf_counter() - start
+            curve = " / ".join(f"{100 * pool:.2f}" for _, pool in scores.curve) or "-"
+            row = (
+                f"TopStage({settings}){views}",
+                curve,
+                100 * model.score(P, y_pool),
+                pool_shifted_mean(model, P, y_pool),
+                model.best_epoch_,
+                f"{seconds:.0f}",
+            )
+            rows.append(row)
+            mirror = 100 * np.mean(model.predict(P, views=mirrored(P)) == y_pool)
+            print(f"  kept, each pool map averaged with its mirror image: {mirror:.2f}", flush=True)
+            print(f"  without the recalibration: {uncorrected_score(model, P, y_pool):.2f}")
+            held = [round(100 * h, 2) for h, _ in scores.curve]
+            print(row, f"held-out balanced: {held}", flush=True)
         # The multi-expert models with the same top settings, each expert its own top.
         multi = []
         if args.sade:
             multi.append(("SADE", SADEClassifier, {"expert_head": args.expert_head}, V))
         if args.ride:
             multi.append(("RIDE", RIDEClassifier, {}, V))
-        if args.prl:
-            multi.append(("PRL", PRLClassifier, {}, V))
+        for modulate in prl_modulations(args):
+            multi.append((prl_label(modulate), PRLClassifier, {"modulate_top": modulate}, V))
         for label, cls, params, fit_views in multi:
             stage = TopStage(cut=args.cut, experts=args.experts, **variant)
             start = time.perf_counter()
@@ -325,7 +328,7 @@ def validation_pool(args, train_labels, ratio, seed):
             seconds = time.perf_counter() - start
             row = (
                 f"{label}, TopStage({settings}"
-                + (", one top)" if cls is PRLClassifier else f", experts={args.experts!r})")
+                + (")" if cls is PRLClassifier else f", experts={args.experts!r})")
                 + ("" if fit_views is None else views),
                 "-",
                 100 * model.score(P, y_pool),
@@ -335,6 +338,8 @@ def validation_pool(args, train_labels, ratio, seed):
             )
             rows.append(row)
             print(row, flush=True)
+            if cls is PRLClassifier:
+                print(f"  without the recalibration: {uncorrected_score(model, P, y_pool):.2f}")
             if cls is SADEClassifier:
                 # Each expert's logits alone (forward, uniform, backward): is the gain
                 # the uniform expert's own, or their combination's?
@@ -350,10 +355,31 @@ def validation_pool(args, train_labels, ratio, seed):
         print(f"| {seed} | {name} | {curve} | {kept:.2f} | {shifted:.2f} | {epoch} | {seconds} |")
 
 
+def uncorrected_score(model, X, y):
+    """Accuracy of the same fit without TopStage's recalibration (``recalibrate=True``)."""
+    top = model.module_.head
+    corrected = top.head
+    # BalancedSoftmax's correction wraps its head as .head, PRL's its network as .network.
+    top.head = getattr(corrected, "network", getattr(corrected, "head", corrected))
+    try:
+        return 100 * model.score(X, y)
+    finally:
+        top.head = corrected
+
+
 def pool_shifted_mean(model, X_pool, y_pool):
     """SADE's 11 shifted sets drawn from the balanced pool: mean accuracy with ``adapt()``."""
     shifted = evaluate_test_agnostic(model, X_pool, y_pool, adapt={}, random_state=0)
     return 100 * float(np.mean(list(shifted.values())))
+
+
+def prl_modulations(args):
+    """The ``modulate_top`` values of the PRL models ``--prl`` asks for."""
+    return {None: [], "modulated": [True], "shared": [False], "both": [False, True]}[args.prl]
+
+
+def prl_label(modulate):
+    return "PRL, one top" + (" modulated by the preference" if modulate else " shared")
 
 
 def main():
@@ -363,7 +389,13 @@ def main():
     parser.add_argument("--cut", default="model._blocks.14")
     parser.add_argument("--sade", action="store_true", help="also fit SADE with per-expert tops")
     parser.add_argument("--ride", action="store_true", help="also fit RIDE with per-expert tops")
-    parser.add_argument("--prl", action="store_true", help="also fit PRL with a shared top")
+    parser.add_argument(
+        "--prl",
+        nargs="?",
+        const="modulated",
+        choices=["modulated", "shared", "both"],
+        help="also fit PRL with a shared top: modulated by the preference, or not, or both",
+    )
     parser.add_argument("--experts", default="head", choices=["all", "head"])
     parser.add_argument(
         "--expert-head", default="cosine", choices=["linear", "cosine"], help="SADE's experts"
@@ -377,6 +409,11 @@ def main():
     )
     parser.add_argument(
         "--skip-frozen", action="store_true", help="only the models with a trainable top"
+    )
+    parser.add_argument(
+        "--skip-single",
+        action="store_true",
+        help="of the models with a trainable top, only the multi-expert ones",
     )
     parser.add_argument(
         "--validation-pool",
@@ -434,7 +471,7 @@ def main():
                     )
                 )
             variants = json.loads(args.variants or "null") or [{"train": t} for t in args.train]
-            for variant in variants:
+            for variant in [] if args.skip_single else variants:
                 settings = ", ".join(f"{k}={v!r}" for k, v in variant.items())
                 models.append(
                     (
@@ -473,14 +510,15 @@ def main():
                             A_test,
                         )
                     )
-                if args.prl:
+                for modulate in prl_modulations(args):
                     models.append(
                         (
-                            f"PRL, TopStage({', '.join(f'{k}={v!r}' for k, v in variant.items())}"
-                            + "), one top"
+                            f"{prl_label(modulate)}, TopStage("
+                            + ", ".join(f"{k}={v!r}" for k, v in variant.items())
+                            + ")"
                             + (f", {args.views} views" if args.views else ""),
                             PRLClassifier,
-                            {"head": stage},
+                            {"head": stage, "modulate_top": modulate},
                             A_train,
                             A_test,
                         )

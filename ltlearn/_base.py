@@ -42,7 +42,7 @@ from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
 from ltlearn.top_stage import CHUNK as TOP_CHUNK
-from ltlearn.top_stage import TopStage, _in_chunks, _Recalibrated, fit_top_stage
+from ltlearn.top_stage import TopStage, _in_chunks, fit_top_stage
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -198,13 +198,14 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         """An array added to the logits at predict time, or None."""
         return None
 
-    def _balanced_offset(self):
-        """``c`` such that the balanced logits are the module's logits plus ``c``, or None.
+    #: Whether a :class:`~ltlearn.top_stage.TopStage` fit can correct the model's logits
+    #: (``_recalibrated_head``); multi-expert models keep their experts' logits.
+    _recalibrates_top = False
 
-        None where they are not of that form (several experts); a
-        :class:`~ltlearn.top_stage.TopStage` then keeps its logits uncorrected.
-        """
-        return None
+    def _recalibrated_head(self, head, temperature, bias):
+        """``head`` made to output logits whose balanced part is divided by ``temperature``
+        and shifted by ``bias`` (``_recalibrates_top`` estimators)."""
+        raise NotImplementedError
 
     def _check_prediction_params(self):
         """Validate parameters read at predict time; ``fit`` calls it before training."""
@@ -377,6 +378,10 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _uses_top(self):
         return isinstance(getattr(self, "head", None), TopStage)
+
+    def _modulates_top(self):
+        """Whether a TopStage's top is scaled and shifted per condition (``_make_modulation``)."""
+        return False
 
     def _validate(self, X, y=None, *, reset=False):
         """``validate_data`` for this estimator's input: activation maps for a trainable top."""
@@ -640,18 +645,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.module_ = NormalizedHead(torch.nn.Identity(), module).eval()
             self.criterion_ = criterion
             self.device_ = str(device)
-            offset = self._balanced_offset() if self.head.recalibrate else None
+            recalibrate = self.head.recalibrate and self._recalibrates_top
             calibrate = getattr(self, "calibration_cv", None) is not None
             calibration = (
                 self._held_out_calibration(X[held], y_index[held])
-                if len(held) and (calibrate or offset is not None)
+                if len(held) and (calibrate or recalibrate)
                 else None
             )
-            if offset is not None and calibration is not None:
+            if recalibrate and calibration is not None:
                 temperature, bias, covariance, confusion = calibration
-                # balanced' = balanced / T + b, with balanced = raw + offset.
-                shift = offset * (1.0 / temperature - 1.0) + bias
-                module.head = _Recalibrated(module.head, 1.0 / temperature, shift)
+                module.head = self._recalibrated_head(module.head, temperature, bias)
                 calibration = 1.0, np.zeros_like(bias), covariance, confusion
             self._set_calibration(calibration if calibrate else None)
             return self

@@ -9,7 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ltlearn._base import TorchHeadClassifier
 from ltlearn.heads import HEADS
 from ltlearn.losses import LogitAdjustedLoss
-from ltlearn.top_stage import TopStage
+from ltlearn.top_stage import TopStage, _Recalibrated
 
 __all__ = ["BalancedSoftmaxClassifier"]
 
@@ -308,8 +308,12 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
         # The loss fitted softmax(logits + adjustment) to the training labels.
         return self._logits(X) + self.criterion_.adjustment.numpy()
 
-    def _balanced_offset(self):
-        return self.criterion_.adjustment.numpy().astype(np.float64) - np.log(self.class_prior_)
+    _recalibrates_top = True
+
+    def _recalibrated_head(self, head, temperature, bias):
+        # balanced' = balanced / T + b, with balanced = raw + offset.
+        offset = self.criterion_.adjustment.numpy().astype(np.float64) - np.log(self.class_prior_)
+        return _Recalibrated(head, 1.0 / temperature, offset * (1.0 / temperature - 1.0) + bias)
 
     def _logit_shift(self):
         # The adjustment the model was trained with, whatever tau is set to now.

@@ -12,7 +12,9 @@ what the paper generates for a network's last layer, this module generates for
 a shared linear head, as class-wise logit shifts and a low-rank weight update.
 With ``head=TopStage(...)`` on activations cached at a cut, the backbone's top
 stage is fine-tuned under the same loss, shared by the experts (the memory-light
-arrangement: one top, the preference generating the head over its embedding).
+arrangement: one top); with ``modulate_top=True`` the hypernetwork also generates
+per-channel scales and shifts of the top's last part from the preference, so that
+the preferences differ in their features, not only in the head over one embedding.
 """
 
 import math
@@ -32,7 +34,7 @@ from ltlearn.heads import init_linear
 from ltlearn.losses import PRLLoss, inverse_prior
 from ltlearn.top_stage import TopStage
 
-__all__ = ["PRLClassifier", "PRLNetwork"]
+__all__ = ["PRLClassifier", "PRLNetwork", "PreferenceModulation"]
 
 #: The corners of the preference simplex, in the order of the experts.
 EXPERTS = ("forward", "uniform", "backward")
@@ -128,14 +130,75 @@ class PRLNetwork(nn.Module):
         return shift, factors
 
     def forward(self, z, r_hat):
-        """Logits of shape (m, n_samples, n_classes) of features ``z`` under each ``r_hat``."""
+        """Logits (m, n_samples, n_classes) of features ``z`` under each of the m ``r_hat``.
+
+        ``z`` is (n_samples, n_features), or (m, n_samples, n_features) when
+        each preference has features of its own (a top it modulates).
+        """
         if self.adapter is not None:
             z = z + self.adapter(z)
         shift, factors = self.generate(r_hat)
-        logits = self.base(z).unsqueeze(0) + shift.unsqueeze(1)
+        logits = self.base(z)
+        logits = (logits if z.ndim == 3 else logits.unsqueeze(0)) + shift.unsqueeze(1)
         if self.rank:
             logits = logits + self.projection(z) @ factors.transpose(1, 2)
         return logits
+
+
+class PreferenceModulation(nn.Module):
+    """Per-channel scales and shifts of a top stage, generated from a preference.
+
+    A second, small hypernetwork for PRL with a trainable top
+    (``modulate_top=True``): for each ``r_hat`` it generates ``(scale,
+    shift)`` for the channels of the top's last part, which multiply them by
+    ``1 + scale`` and add ``shift`` before a nonlinearity (FiLM, Perez et
+    al., AAAI 2018), so that each preference has features of its own, as the
+    paper's generated experts own their last layers, rather than only the
+    logit offsets that separate the experts on one shared embedding. The
+    output layer starts at zero: every preference starts from the pretrained
+    top.
+
+    Parameters
+    ----------
+    n_channels : int
+        Channels of the top that are scaled and shifted.
+    hidden_size : int
+        Width of the hidden tanh layer.
+    generator : torch.Generator
+        Source of the random initial weights.
+    """
+
+    def __init__(self, n_channels, hidden_size, generator):
+        super().__init__()
+        self.hidden = nn.Sequential(init_linear(nn.Linear(3, hidden_size), generator), nn.Tanh())
+        self.out = nn.Linear(hidden_size, 2 * n_channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, r_hat):
+        """``(scale, shift)``, each (m, n_channels), for preferences ``r_hat`` (m, 3)."""
+        return self.out(self.hidden(r_hat)).chunk(2, dim=1)
+
+
+class _RecalibratedNetwork(nn.Module):
+    """A :class:`PRLNetwork` whose balanced logits are calibrated under every preference.
+
+    The logits under ``r_hat`` less ``r_hat @ S`` (the class offsets that
+    preference stands for) are the balanced logits; these are divided by
+    the temperature and shifted by the class offsets that calibrate the
+    uniform corner's on a TopStage's held-out rows, then ``r_hat @ S`` is
+    added back, so that each preference still predicts for its prior.
+    """
+
+    def __init__(self, network, temperature, bias):
+        super().__init__()
+        self.network = network
+        self.register_buffer("scale", torch.tensor(1.0 / temperature, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
+
+    def forward(self, z, r_hat):
+        offsets = (r_hat @ self.network.shift_basis).unsqueeze(1)
+        return (self.network(z, r_hat) - offsets) * self.scale + self.bias + offsets
 
 
 class _DirichletTraining(nn.Module):
@@ -153,13 +216,18 @@ class _DirichletTraining(nn.Module):
         self.register_buffer("alphas", alphas)
         self.step = 0
 
-    def forward(self, z):
+    def condition(self):
+        """The experts' ``r_hat`` (3, 3) for the next step: each row one expert's."""
         if not self.training:
-            return self.network(z, torch.eye(3, device=z.device))
+            return torch.eye(3, device=self.alphas.device)
         alpha = self.alphas[self.step % len(self.alphas)]
         self.step += 1
-        # Row i of the output holds expert i's logits, as PRLLoss expects.
-        return self.network(z, self.network.r_hat(alpha))
+        return self.network.r_hat(alpha)
+
+    def forward(self, z, r_hat=None):
+        # Row i of the output holds expert i's logits, as PRLLoss expects. A top modulated
+        # by the preferences passes the r_hat its features were computed under.
+        return self.network(z, self.condition() if r_hat is None else r_hat)
 
 
 class PRLClassifier(TorchHeadClassifier):
@@ -219,6 +287,19 @@ class PRLClassifier(TorchHeadClassifier):
         the embedding of a copy of the backbone's top stage, fine-tuned with
         the hypernetwork and shared by every preference (``experts`` of the
         TopStage is not used: PRL's experts are points of one generated head).
+    modulate_top : bool, default=False
+        With a ``TopStage`` head, the hypernetwork also generates per-channel
+        scales and shifts of the top's last part from the preference
+        (:class:`PreferenceModulation`; for EfficientNet-Lite0, of the head
+        convolution's 1,280 channels before their ReLU6), so that each
+        preference has features of its own; the top's last part then runs
+        once per preference. False shares the top's embedding between the
+        preferences, which then differ in the generated head only. Off by
+        default: on a validation pool of CIFAR-10-LT at IR 100 (seed 0,
+        ``TopStage(train="all", lr=5e-4)``, 2 views) the modulated top scored
+        80.48 % (11-set mean with ``adapt()`` 83.68) against 80.88 (83.99)
+        for the shared one, and fitted 1.6 times slower.
+        Not used without a ``TopStage`` head.
     tail_synthesis : float in [0, 1], default=0.0
         Synthesise features for small classes during training, up to this
         fraction of the largest class's count: each synthetic feature is a
@@ -364,6 +445,7 @@ class PRLClassifier(TorchHeadClassifier):
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "adapter_size": [Interval(Integral, 1, None, closed="left"), None],
         "head": [StrOptions({"linear"}), TopStage],
+        "modulate_top": ["boolean"],
         "tail_synthesis": [Interval(Real, 0, 1, closed="both")],
     }
 
@@ -378,6 +460,7 @@ class PRLClassifier(TorchHeadClassifier):
         hidden_size=64,
         adapter_size=None,
         head="linear",
+        modulate_top=False,
         tail_synthesis=0.0,
         normalize="l2",
         optimizer="adam",
@@ -402,6 +485,7 @@ class PRLClassifier(TorchHeadClassifier):
         self.hidden_size = hidden_size
         self.adapter_size = adapter_size
         self.head = head
+        self.modulate_top = modulate_top
         self.tail_synthesis = tail_synthesis
         self.normalize = normalize
         self.optimizer = optimizer
@@ -463,13 +547,25 @@ class PRLClassifier(TorchHeadClassifier):
         )
         return _DirichletTraining(network, torch.as_tensor(alphas, dtype=torch.float32))
 
+    def _modulates_top(self):
+        return self._uses_top() and self.modulate_top
+
+    def _make_modulation(self, n_channels, generator):
+        return PreferenceModulation(n_channels, self.hidden_size, generator)
+
     def _prediction_module(self, trained):
         return trained.network
+
+    _recalibrates_top = True
+
+    def _recalibrated_head(self, head, temperature, bias):
+        return _RecalibratedNetwork(head, temperature, bias)
 
     def _network(self):
         """The fitted :class:`PRLNetwork` (behind the top stage with a TopStage head)."""
         head = self.module_.head
-        return head.head if self._uses_top() else head
+        head = head.head if self._uses_top() else head
+        return head.network if isinstance(head, _RecalibratedNetwork) else head
 
     def _source_logits(self, X):
         # The uniform corner was fitted with softmax(logits + log(prior)) to the labels.
@@ -812,7 +908,9 @@ class PRLClassifier(TorchHeadClassifier):
 
         The features are normalised and projected once; each preference then
         costs one small hypernetwork pass and an ``(n_samples, rank)`` by
-        ``(rank, n_classes)`` product.
+        ``(rank, n_classes)`` product. (With a top it modulates,
+        ``modulate_top=True``, the top runs once up to the modulated
+        channels, and what follows them once per preference.)
 
         Parameters
         ----------

@@ -50,7 +50,8 @@ def _own_part(top):
         last = max(i for i, child in enumerate(children) if any(True for _ in child.parameters()))
         return nn.Sequential(*children[:last]), nn.Sequential(*children[last:])
     raise ValueError(
-        "experts='head' and train='last' need a top whose last part can be told apart: "
+        "experts='head', train='last' and a top modulated by PRL's preference need a top "
+        "whose last part can be told apart: "
         f"EfficientNet-Lite0's or an nn.Sequential; got {type(top).__name__}."
     )
 
@@ -58,6 +59,62 @@ def _own_part(top):
 class _GlobalPool(nn.Module):
     def forward(self, x):
         return x.mean(dim=(2, 3)) if x.ndim == 4 else x.mean(dim=1)
+
+
+#: Modules taken for the nonlinearity before which a modulated top is scaled and shifted.
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+)
+
+
+def _chain(module):
+    """The modules that nested ``nn.Sequential`` containers run, in order."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _chain(child)]
+    return [module]
+
+
+class _Modulated(nn.Module):
+    """A top's own part whose channels at one place are scaled and shifted by a condition.
+
+    The place is before the first nonlinearity after the part's last module
+    with parameters (EfficientNet-Lite0: the head convolution's batch norm,
+    before its ReLU6), or that module's input when no nonlinearity follows
+    it, so that the scales and shifts change which activations pass, not
+    only the embedding's scale (FiLM; Perez et al., "FiLM: Visual Reasoning
+    with a General Conditioning Layer", AAAI 2018).
+    """
+
+    def __init__(self, own, row_shape):
+        super().__init__()
+        chain = _chain(own)
+        last = max(i for i, m in enumerate(chain) if any(True for _ in m.parameters()))
+        after = [i for i in range(last + 1, len(chain)) if isinstance(chain[i], _ACTIVATIONS)]
+        at = after[0] if after else last
+        self.before = nn.Sequential(*chain[:at])
+        self.after = nn.Sequential(*chain[at:])
+        with torch.no_grad():
+            h = self.before(torch.zeros(1, *row_shape))
+        #: Channels the scales and shifts act on: axis 1 of maps, the last axis otherwise.
+        self.channels = int(h.shape[1] if h.ndim == 4 else h.shape[-1])
+
+    def forward(self, x, scale=None, shift=None):
+        """Embeddings of ``x``: (n, d), or (m * n, d) under m conditions' (m, channels) scales."""
+        h = self.before(x)
+        if scale is not None:
+            m = len(scale)
+            shape = (m, 1, -1, 1, 1) if h.ndim == 4 else (m, *(1,) * (h.ndim - 1), -1)
+            h = (h.unsqueeze(0) * (1.0 + scale.view(shape)) + shift.view(shape)).flatten(0, 1)
+        return self.after(h)
 
 
 class TopStageModule(nn.Module):
@@ -77,14 +134,20 @@ class TopStageModule(nn.Module):
     normalizer, head : torch.nn.Module
         As in :class:`ltlearn.heads.NormalizedHead`; with several tops the
         head receives ``(n, n_tops, n_features)``.
+    modulation : torch.nn.Module, default=None
+        Maps conditions ``(m, k)`` to per-channel ``(scale, shift)`` of the one
+        top (a ``_Modulated`` part): the module's first extra argument is the
+        condition, or, without one, ``head.condition()`` draws it, and the
+        head receives the embeddings ``(m, n, n_features)`` and the condition.
     """
 
-    def __init__(self, shared, tops, normalizer, head):
+    def __init__(self, shared, tops, normalizer, head, modulation=None):
         super().__init__()
         self.shared = shared
         self.tops = nn.ModuleList(tops)
         self.normalizer = normalizer
         self.head = head
+        self.modulation = modulation
 
     def train(self, mode=True):
         super().train(mode)
@@ -92,15 +155,23 @@ class TopStageModule(nn.Module):
         self.tops.eval()
         return self
 
-    def embed(self, x):
-        """The normalised embedding(s): (n, d), or (n, n_tops, d) with several tops."""
+    def embed(self, x, condition=None):
+        """The normalised embedding(s): (n, d), (n, n_tops, d) with several tops, or
+        (m, n, d) under m conditions."""
         x = self.shared(x)
+        if condition is not None:
+            scale, shift = self.modulation(condition)
+            z = self.normalizer(self.tops[0](x, scale, shift))
+            return z.view(len(condition), len(x), -1)
         if len(self.tops) == 1:
             return self.normalizer(self.tops[0](x))
         return torch.stack([self.normalizer(top(x)) for top in self.tops], dim=1)
 
     def forward(self, x, *args):
-        return self.head(self.embed(x), *args)
+        if self.modulation is None:
+            return self.head(self.embed(x), *args)
+        condition = args[0] if args else self.head.condition()
+        return self.head(self.embed(x, condition), condition)
 
     def parameter_groups(self, head_lr_scale):
         """Parameters with their learning-rate factor: the head's trains faster."""
@@ -181,7 +252,10 @@ class TopStage(BaseEstimator):
         that calibrate them on the held-out rows (those of
         ``calibration_cv``'s calibration, fitted on these rows instead of
         cross-fitted copies), for estimators with one top
-        (:class:`~ltlearn.BalancedSoftmaxClassifier`). Fine-tuning nearly
+        (:class:`~ltlearn.BalancedSoftmaxClassifier`, and
+        :class:`~ltlearn.PRLClassifier`, whose every preference gets the
+        correction of its balanced logits, the class offsets it stands for
+        left as they are). Fine-tuning nearly
         memorises the training rows, so the logit adjustment stops acting
         and the model leans toward the head classes: on CIFAR-10-LT at IR
         100 (validation pool, two seeds) the correction raised balanced
@@ -271,11 +345,13 @@ class TopStage(BaseEstimator):
             )
         return backbone.split(self.cut)[1]
 
-    def build(self, row_shape, n_tops=1):
+    def build(self, row_shape, n_tops=1, modulated=False):
         """The shared part and ``n_tops`` own parts of the top, and the embedding width.
 
         A forward pass of one zero row checks that rows of ``row_shape`` fit
-        the top.
+        the top. ``modulated`` splits the top in any case and makes its own
+        part one that conditions can scale and shift (``_Modulated``, whose
+        ``channels`` says how many they act on).
 
         Returns
         -------
@@ -304,8 +380,11 @@ class TopStage(BaseEstimator):
                 f"{where} returns shape {tuple(out.shape)} for one row; it must return pooled "
                 "embeddings of shape (n, d)."
             )
-        if self.train == "last" or (n_tops > 1 and self.experts == "head"):
+        if modulated or self.train == "last" or (n_tops > 1 and self.experts == "head"):
             shared, own = _own_part(top)
+            if modulated:
+                with torch.no_grad():
+                    own = _Modulated(own, shared(torch.zeros(1, *row_shape)).shape[1:])
             tops = [copy.deepcopy(own) for _ in range(n_tops)]
             if self.train == "last":
                 shared.requires_grad_(False)
@@ -391,7 +470,8 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
     from ltlearn.datasets import train_val_split
 
     stage = estimator.head
-    shared, tops, n_features = stage.build(X.shape[1:], estimator._n_tops)
+    modulated = estimator._modulates_top()
+    shared, tops, n_features = stage.build(X.shape[1:], estimator._n_tops, modulated)
     n_classes = len(estimator.classes_)
     X_t = _float_tensor(X)
     train, held = np.arange(len(X)), np.empty(0, dtype=np.intp)
@@ -439,9 +519,13 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
         lr_schedule=estimator.lr_schedule,
         **common,
     )
-    module = TopStageModule(shared, tops, normalizer, head)
+    # Drawn after the head so that unmodulated fits draw as before; it starts as the identity.
+    modulation = estimator._make_modulation(tops[0].channels, generator) if modulated else None
+    module = TopStageModule(shared, tops, normalizer, head, modulation)
     # With a frozen part, the epochs train what follows it, on its outputs computed once.
-    trained = TopStageModule(nn.Identity(), tops, normalizer, head) if frozen else module
+    trained = (
+        TopStageModule(nn.Identity(), tops, normalizer, head, modulation) if frozen else module
+    )
     validation = None
     if len(held):
         held_t = torch.as_tensor(held)

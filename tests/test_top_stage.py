@@ -385,6 +385,58 @@ def test_prl_trains_a_shared_top_that_every_preference_reads():
         trained.predict(X_test[:, :3])
 
 
+def test_prl_preferences_modulate_the_top_they_read():
+    X, y = activations(2000)
+    X_test, _ = activations(300, seed=1)
+    keep = long_tailed_subset(y, 10, random_state=0)
+
+    def prl(modulate_top, epochs):
+        stage = TopStage(top=small_top(), epochs=epochs, lr=3e-3)
+        return PRLClassifier(head=stage, modulate_top=modulate_top, random_state=0).fit(
+            X[keep], y[keep]
+        )
+
+    # The modulation starts as the identity: before fine-tuning nothing differs.
+    np.testing.assert_allclose(
+        prl(True, 0).decision_function_many(X_test, ["forward", "backward"]),
+        prl(False, 0).decision_function_many(X_test, ["forward", "backward"]),
+        atol=1e-5,
+    )
+    shared, modulated = prl(False, 6), prl(True, 6)
+    assert shared.module_.head.modulation is None
+    # Each corner reads embeddings of its own after fine-tuning; a shared top gives one.
+    corners = torch.eye(3)
+    with torch.no_grad():
+        z = modulated.module_.head.embed(torch.as_tensor(X_test), corners)
+    assert z.shape == (3, 300, 8)
+    assert float((z[0] - z[2]).abs().max()) > 1e-3
+    # Every way to predict reads the same preference-specific embeddings.
+    many = modulated.decision_function_many(X_test, ["forward", [0.2, 0.5, 0.3]])
+    for scores, preference in zip(many, ["forward", [0.2, 0.5, 0.3]], strict=True):
+        np.testing.assert_allclose(
+            scores, modulated.decision_function(X_test, preference=preference), atol=1e-5
+        )
+    np.testing.assert_array_equal(
+        pickle.loads(pickle.dumps(modulated)).predict(X_test, preference="backward"),
+        modulated.predict(X_test, preference="backward"),
+    )
+
+
+def test_efficientnet_top_is_modulated_before_its_head_activation():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    shared, tops, n_features = TopStage(train="all").build((192, 7, 7), modulated=True)
+    (top,) = tops
+    assert top.channels == 1280 and isinstance(top.after[0], torch.nn.ReLU6)
+    maps = torch.randn(2, 192, 7, 7)
+    plain = TopStage(train="all").build((192, 7, 7))[1][0]
+    scale, shift = torch.zeros(3, 1280), torch.zeros(3, 1280)
+    shift[2] = -1e4  # every channel below ReLU6's threshold: a zero embedding
+    with torch.no_grad():
+        out = top(shared(maps), scale, shift).view(3, 2, n_features)
+        torch.testing.assert_close(out[0], plain(maps), atol=1e-5, rtol=1e-5)
+    assert float(out[2].abs().max()) == 0.0
+
+
 def test_command_line_extracts_efficientnet_activations_at_a_cut(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite_pytorch")
     from PIL import Image
@@ -553,6 +605,46 @@ def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeyp
     )
     again = pickle.loads(pickle.dumps(fixed))
     np.testing.assert_array_equal(again.decision_function(X_test), fixed.decision_function(X_test))
+
+
+def test_prl_recalibration_corrects_every_preference_balanced_logits(monkeypatch):
+    X, y = activations(2000)
+    X_test, _ = activations(300, seed=1)
+    keep = long_tailed_subset(y, 10, random_state=0)
+    fitted = TorchHeadClassifier._held_out_calibration
+
+    def with_offsets(self, *args):
+        T, b, covariance, confusion = fitted(self, *args)
+        return T, b + np.array([0.3, -0.2, 0.1, 0.0]), covariance, confusion
+
+    monkeypatch.setattr(TorchHeadClassifier, "_held_out_calibration", with_offsets)
+    stage = TopStage(top=small_top(), epochs=4, lr=3e-3)
+    plain, fixed = (
+        PRLClassifier(head=clone(stage).set_params(recalibrate=on), random_state=0).fit(
+            X[keep], y[keep]
+        )
+        for on in (False, True)
+    )
+    T, b = plain.calibration_temperature_, plain.calibration_bias_
+    assert abs(T - 1.0) > 0.05
+    basis = plain._network().shift_basis.numpy()
+    for preference, r_hat in [("uniform", [0, 1, 0]), ("forward", [1, 0, 0])]:
+        # What the preference stands for (r_hat @ S) stays; the rest is calibrated.
+        offsets = np.asarray(r_hat, dtype=np.float32) @ basis
+        raw = plain.decision_function(X_test, preference=preference)
+        np.testing.assert_allclose(
+            fixed.decision_function(X_test, preference=preference),
+            (raw - offsets) / T + b + offsets,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    assert fixed.calibration_temperature_ == 1.0 and not fixed.calibration_bias_.any()
+    np.testing.assert_allclose(fixed.r_, plain.r_)
+    again = pickle.loads(pickle.dumps(fixed))
+    np.testing.assert_array_equal(
+        again.decision_function(X_test, preference="backward"),
+        fixed.decision_function(X_test, preference="backward"),
+    )
 
 
 def test_recalibration_needs_held_out_rows_and_spares_experts():
