@@ -42,7 +42,7 @@ from ltlearn.exceptions import DeviceWarning
 from ltlearn.heads import NORMALIZERS, NormalizedHead, make_head, make_normalizer
 from ltlearn.synthesis import synthesize_tail
 from ltlearn.top_stage import CHUNK as TOP_CHUNK
-from ltlearn.top_stage import TopStage, _in_chunks, fit_top_stage
+from ltlearn.top_stage import TopStage, _through, fit_top_stage
 
 # Rows per forward pass at predict time: bounds the memory of the logits and
 # activations without paying per-call overhead on ordinary sizes.
@@ -430,7 +430,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         if type(self)._fit_second_stage is not TorchHeadClassifier._fit_second_stage:
             # The later stage trains on the fitted top's embeddings, as on an embedding file.
             rows = torch.as_tensor(np.setdiff1d(np.arange(len(X)), held))
-            Z = _in_chunks(module.to(device).embed, _float_tensor(X)[rows], device)
+            X_t = X if _as_feature_split(X) is not None else _float_tensor(X)
+            Z = _through(module.to(device).embed, X_t, rows, device)
             module.cpu()
             schedule = _resolve_schedule(
                 self.lr, self.batch_size, self.max_epochs, len(rows), Z.shape[-1]
@@ -567,12 +568,7 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
                     "(only a FeatureSplit of a feature file brings its own labels)."
                 )
             X, y = self._validate(X, y, reset=True)
-        elif self._uses_top():
-            raise ValueError(
-                "head=TopStage(...) needs the activations in memory; read them first, e.g. "
-                "X, y = FeatureFile(path).read(split)."
-            )
-        elif self.early_stopping:
+        elif self.early_stopping and not self._uses_top():
             raise ValueError(
                 "early_stopping needs X in memory: it holds out rows of each class. Read the "
                 "split first, e.g. X, y = FeatureFile(path).read(split), or fit the streamed "
@@ -648,7 +644,9 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             recalibrate = self.head.recalibrate and self._recalibrates_top
             calibrate = getattr(self, "calibration_cv", None) is not None
             calibration = (
-                self._held_out_calibration(X[held], y_index[held])
+                self._held_out_calibration(
+                    X.take(held) if split is not None else X[held], y_index[held]
+                )
                 if len(held) and (calibrate or recalibrate)
                 else None
             )
@@ -867,7 +865,21 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _streamed_labels(self, split, y):
         """``y`` for rows streamed from ``split``, checked; the split's labels when None."""
-        if not self._streamable:
+        top = self._uses_top()
+        if top and len(split.shape) < 3:
+            raise ValueError(
+                "head=TopStage(...) trains on activations cached at a cut, but the "
+                f"{split.name} holds embeddings of shape {split.shape}; extract with "
+                "extract(..., cut=...) for a trainable top, or fit the embeddings with "
+                "head='linear'."
+            )
+        if not top and len(split.shape) > 2:
+            raise ValueError(
+                f"The {split.name} holds activations cached at a cut, rows of shape "
+                f"{split.shape[1:]}; fit them with head=TopStage(...), or extract embeddings "
+                "(extract without cut=) for this head."
+            )
+        if not self._streamable and not top:
             raise ValueError(
                 f"{type(self).__name__} needs X in memory: its later training stages revisit "
                 f"chosen rows. Read the split first, e.g. X, y = FeatureFile(path).read(split); "
@@ -882,6 +894,8 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y has {len(y)} labels; {split!r} has {split.shape[0]} rows.")
         self.n_features_in_ = split.shape[1]
         self.__dict__.pop("feature_names_in_", None)
+        if top:
+            self.row_shape_ = split.shape[1:]
         return y
 
     def _logits(self, X, *args):

@@ -94,12 +94,18 @@ class StreamedInputs:
     Each epoch visits the split's HDF5 chunks in an order drawn from the
     fit's generator (file order when all fit in one block, which then
     trains exactly as the same rows in memory would), normalises each block
-    with ``transform`` and hands it to the loop with its row indices.
+    with ``transform`` (None: as read) and hands it to the loop with its row
+    indices, keeping only the rows in ``rows`` when given (those not held
+    out).
     """
 
-    def __init__(self, split, transform):
+    def __init__(self, split, transform, rows=None):
         self.split, self.transform = split, transform
-        self.n_samples = split.shape[0]
+        self.keep = None
+        if rows is not None:
+            self.keep = np.zeros(split.shape[0], dtype=bool)
+            self.keep[rows] = True
+        self.n_samples = split.shape[0] if rows is None else int(self.keep.sum())
 
     def epoch(self, generator):
         n_chunks = len(self.split.chunk_slices())
@@ -107,20 +113,23 @@ class StreamedInputs:
         if n_chunks > self.split.block_chunks:
             order = torch.randperm(n_chunks, generator=generator).tolist()
         for rows, X in self.split.blocks(order):
-            if not np.isfinite(X).all():
-                bad = rows[~np.isfinite(X).all(axis=1)]
+            finite = np.isfinite(X).reshape(len(X), -1).all(axis=1)
+            if not finite.all():
+                bad = rows[~finite]
                 raise ValueError(
                     f"{self.split.name} holds NaN or infinite features in rows "
                     f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}."
                 )
-            with torch.no_grad():
-                Z = self.transform(torch.from_numpy(X))
+            if self.keep is not None:
+                rows, X = rows[self.keep[rows]], X[self.keep[rows]]
+            Z = torch.from_numpy(X)
+            if self.transform is not None:
+                with torch.no_grad():
+                    Z = self.transform(Z)
             yield torch.from_numpy(rows), Z
 
 
-def _epoch_batches(
-    X, y, sample_weight, batch_size, draw_weights, generator, device, views, augment=None
-):
+def _epoch_batches(X, y, sample_weight, batch_size, draw_weights, generator, device, views):
     """Mini-batches ``(X, y, w)`` of one epoch: shuffled, or class-balanced when drawn."""
     if isinstance(X, torch.Tensor):
         n_samples = X.shape[0]
@@ -141,8 +150,6 @@ def _epoch_batches(
                 picked = X.reshape(-1, X.shape[-1]).index_select(0, idx * X.shape[1] + view)
             else:
                 picked = X.index_select(0, idx)
-            if augment is not None:
-                picked = augment(picked, generator)
             yield picked, y.index_select(0, idx), w
         return
     # Streamed: shuffled (or drawn) within each block, and rows left over at the end
@@ -247,7 +254,7 @@ def fit_module(
         uniformly.
     augment : callable, optional
         ``augment(X_batch, generator)``: a random transformation of each
-        in-memory training batch (e.g. flips of cached activation maps).
+        training batch (e.g. flips of cached activation maps).
     validation : callable, optional
         ``validation(module) -> float``, a loss on held-out rows (lower is
         better), called before the first epoch and after each one: the
@@ -305,9 +312,12 @@ def fit_module(
         # Summed on the device: one host sync per epoch, not one per step.
         total = torch.zeros((), device=device)
         batches = _epoch_batches(
-            X, y, sample_weight, batch_size, draw_weights, generator, device, views, augment
+            X, y, sample_weight, batch_size, draw_weights, generator, device, views
         )
         for X_batch, y_batch, w in batches:
+            if augment is not None:
+                # Here, not where batches are drawn: the generator's draws keep their order.
+                X_batch = augment(X_batch, generator)
             if mixup:
                 share = float(mix_rng.beta(mixup, mixup))
                 other = torch.randperm(len(y_batch), generator=generator).to(device)

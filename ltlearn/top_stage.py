@@ -187,7 +187,9 @@ class TopStage(BaseEstimator):
     Pass it as the ``head`` of :class:`~ltlearn.BalancedSoftmaxClassifier`,
     :class:`~ltlearn.SADEClassifier`, :class:`~ltlearn.RIDEClassifier` or
     :class:`~ltlearn.PRLClassifier`, and fit on the activations of ``extract(..., cut=cut)``
-    (``FeatureFile.read`` returns them as ``(n, C, H, W)``). The estimator's
+    (``FeatureFile.read`` returns them as ``(n, C, H, W)``), or on a split of
+    that file (``FeatureFile(path)["train"]``), streamed block by block for
+    caches larger than memory. The estimator's
     own settings (``lr``, ``max_epochs``, ``normalize`` ...) fit its head on
     the frozen top's embeddings first; the settings here then fine-tune top
     and head together.
@@ -446,12 +448,36 @@ def _in_chunks(module, X, device=None, dim=0):
     return torch.cat(parts, dim=dim)
 
 
+def _through(module, X, rows=None, device=None):
+    """``module`` over the rows of ``X`` (or those at the sorted indices ``rows``), in order.
+
+    ``X`` is a float tensor, or a :class:`~ltlearn.features.FeatureSplit` read
+    block by block.
+    """
+    if isinstance(X, torch.Tensor):
+        return _in_chunks(module, X if rows is None else X[rows], device)
+    keep = None
+    if rows is not None:
+        keep = np.zeros(len(X), dtype=bool)
+        keep[np.asarray(rows)] = True
+    parts = []
+    for ids, block in X.blocks():
+        block = block if keep is None else block[keep[ids]]
+        if len(block):
+            parts.append(_in_chunks(module, torch.from_numpy(block), device))
+    return torch.cat(parts)
+
+
 def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
     """Fit ``estimator``'s :class:`TopStage` head: the linear probe, then fine-tuning.
 
     The estimator supplies its loss (``_make_criterion``), its head on
     embeddings (``_make_module``), its normaliser and its settings for the
     probe; ``estimator.head`` (the TopStage) those of the fine-tuning.
+    ``X`` is an array of activations, or a :class:`~ltlearn.features.FeatureSplit`
+    of them, streamed: the probe's embeddings and the held-out rows are read
+    in one pass each, and every fine-tuning epoch reads the training rows
+    block by block (a frozen part then runs at every step).
 
     Returns
     -------
@@ -466,14 +492,16 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
         epoch losses.
     """
     from ltlearn._base import _float_tensor, _resolve_schedule
-    from ltlearn._training import fit_module, seed_from
+    from ltlearn._training import StreamedInputs, fit_module, seed_from
     from ltlearn.datasets import train_val_split
 
     stage = estimator.head
     modulated = estimator._modulates_top()
     shared, tops, n_features = stage.build(X.shape[1:], estimator._n_tops, modulated)
     n_classes = len(estimator.classes_)
-    X_t = _float_tensor(X)
+    # A FeatureSplit streams: read block by block, never whole.
+    streamed = not isinstance(X, np.ndarray)
+    X_t = X if streamed else _float_tensor(X)
     train, held = np.arange(len(X)), np.empty(0, dtype=np.intp)
     if stage.validation_fraction > 0:
         seed = seed_from(generator)
@@ -484,9 +512,14 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
                 y_t.numpy(), val_size=stage.validation_fraction, random_state=seed
             )
     rows = torch.as_tensor(train)
-    frozen = stage.train == "last"
+    # With a frozen part, the epochs train what follows it on its outputs, computed once
+    # (in memory; a streamed fit runs it at every step).
+    frozen = stage.train == "last" and not streamed
     inputs = _in_chunks(shared, X_t) if frozen else X_t
-    E = _in_chunks(tops[0], inputs) if frozen else _in_chunks(lambda x: tops[0](shared(x)), X_t)
+    if frozen:
+        E = _in_chunks(tops[0], inputs)
+    else:
+        E = _through(lambda x: tops[0](shared(x)), X_t)
     with torch.no_grad():
         normalizer = estimator._make_normalizer(E[rows])
         Z = normalizer(E)
@@ -522,14 +555,14 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
     # Drawn after the head so that unmodulated fits draw as before; it starts as the identity.
     modulation = estimator._make_modulation(tops[0].channels, generator) if modulated else None
     module = TopStageModule(shared, tops, normalizer, head, modulation)
-    # With a frozen part, the epochs train what follows it, on its outputs computed once.
     trained = (
         TopStageModule(nn.Identity(), tops, normalizer, head, modulation) if frozen else module
     )
     validation = None
     if len(held):
         held_t = torch.as_tensor(held)
-        X_held, y_held = inputs[held_t], y_t[held_t]
+        X_held = torch.from_numpy(X.take(held)) if streamed else inputs[held_t]
+        y_held = y_t[held_t]
         y_held_device = y_held.to(device)
         present = torch.bincount(y_held, minlength=n_classes) > 0
 
@@ -548,7 +581,12 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
             return 1.0 - float((hits / totals)[present.to(device)].mean())
 
     record = {}
-    if stage.epochs:
+    if stage.epochs and streamed:
+        # Row indices into the whole split; the held-out rows are left out as read.
+        train_inputs, y_fit, w_fit = StreamedInputs(X, None, rows=train), y_t, w_t
+        augment = stage.augment
+    elif stage.epochs:
+        y_fit, w_fit = y_t[rows], w_t[rows]
         candidates, augment = [inputs[rows]], stage.augment
         if frozen and stage.flip and X.ndim == 4:
             # The frozen part's output of a mirrored map is not its output mirrored: both
@@ -566,12 +604,13 @@ def fit_top_stage(estimator, X, y_t, w_t, prior, generator, device, views=None):
         if len(candidates) > 1:
             train_inputs, augment = torch.stack(candidates, 1), _PickOne(augment)
         del candidates  # the stack is a copy, gigabytes on CIFAR-10-LT with views
+    if stage.epochs:
         history += fit_module(
             trained,
             criterion,
             train_inputs,
-            y_t[rows],
-            sample_weight=w_t[rows],
+            y_fit,
+            sample_weight=w_fit,
             optimizer="adamw",
             lr=stage.lr,
             weight_decay=stage.weight_decay,

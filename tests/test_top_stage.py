@@ -20,7 +20,7 @@ from ltlearn.datasets import long_tailed_subset
 from ltlearn.exceptions import LtlearnError
 from ltlearn.features import FeatureFile, extract, merge
 from ltlearn.features.backbones import from_module
-from ltlearn.features.io import write_features
+from ltlearn.features.io import FeatureSplit, FeatureWriter, write_features
 from ltlearn.top_stage import TopStage, _Recalibrated
 
 
@@ -280,13 +280,57 @@ def test_wrong_activation_shapes_are_clear_errors():
         clf.predict(X.reshape(120, -1))
 
 
-def test_streamed_activations_are_refused_with_a_way_out(tmp_path):
+def cut_file(path, X, y, chunk_rows=16):
+    """A file of activations as extract(..., cut=...) writes them: flat rows and their shape."""
+    with FeatureWriter(
+        path, classes=list("abcd"), mode="w", dtype="float32", chunk_rows=chunk_rows
+    ) as writer:
+        writer.set_row_shape("train", X.shape[1:])
+        writer.append("train", X.reshape(len(X), -1), y)
+    return path
+
+
+def test_streamed_activations_train_the_top_block_by_block(tmp_path):
+    X, y = activations(2000)
+    X_test, y_test = activations(1000, seed=1)
+    path = cut_file(tmp_path / "cut.h5", X, y)
+    with FeatureFile(path) as f:
+        # 125 chunks of 16 rows, read 8 chunks at a time in a shuffled order.
+        split = FeatureSplit(f, "train", block_chunks=8)
+        assert split.shape == (2000, 4, 3, 3)
+        rows = np.array([1500, 3, 17, 16, 1999])
+        np.testing.assert_array_equal(split.take(rows), X[rows])
+        for train in ("all", "last"):
+            stage = TopStage(top=two_layer_top(), epochs=4, lr=3e-3, train=train)
+            frozen = clone(stage).set_params(epochs=0)
+            base = BalancedSoftmaxClassifier(random_state=0)
+            in_memory = clone(base).set_params(head=stage).fit(X, y)
+            streamed = clone(base).set_params(head=stage).fit(split)
+            probe = clone(base).set_params(head=frozen).fit(split)
+            # The streamed fine-tuning gains what the in-memory one gains.
+            assert streamed.score(X_test, y_test) > probe.score(X_test, y_test) + 0.04
+            assert abs(streamed.score(X_test, y_test) - in_memory.score(X_test, y_test)) < 0.02
+            assert len(streamed.validation_scores_) == 5
+            assert streamed.row_shape_ == (4, 3, 3) and streamed.n_features_in_ == 4
+        np.testing.assert_array_equal(streamed.predict(split), streamed.predict(X))
+        # A later stage (SADE's aggregation, RIDE's router) reads the top's embeddings of
+        # the streamed rows.
+        ride = RIDEClassifier(
+            head=TopStage(top=two_layer_top(), epochs=2, lr=3e-3), random_state=0
+        ).fit(split)
+        assert ride.score(X_test, y_test) > 0.8
+
+
+def test_streamed_files_must_match_the_head(tmp_path):
     X, y = activations(50)
-    path = tmp_path / "f.h5"
-    write_features(path, {"train": (X.reshape(len(X), -1), y)}, classes=list("abcd"))
-    clf = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0))
-    with FeatureFile(path) as f, pytest.raises(ValueError, match="needs the activations in memory"):
-        clf.fit(f["train"])
+    path = cut_file(tmp_path / "cut.h5", X, y)
+    embeddings = tmp_path / "emb.h5"
+    write_features(embeddings, {"train": (X.mean(axis=(2, 3)), y)}, classes=list("abcd"))
+    with FeatureFile(path) as f, pytest.raises(ValueError, match="head=TopStage"):
+        BalancedSoftmaxClassifier().fit(f["train"])
+    top = BalancedSoftmaxClassifier(head=TopStage(top=small_top(), epochs=0))
+    with FeatureFile(embeddings) as f, pytest.raises(ValueError, match="holds embeddings"):
+        top.fit(f["train"])
 
 
 def test_sade_experts_own_their_tops():

@@ -560,6 +560,10 @@ class FeatureFile:
         return f"FeatureFile({str(self.path)!r}, classes={len(self.classes)}, {rows})"
 
 
+#: Rows per block of a FeatureSplit by default.
+BLOCK_ROWS = 16_384
+
+
 class FeatureSplit:
     """The features of one split, read block by block: ``X`` for fits larger than memory.
 
@@ -574,15 +578,22 @@ class FeatureSplit:
     source : FeatureFile or h5py.Dataset
         A feature file (then ``split`` names the split) or a 2-D data set.
     split : str, default="train"
-    block_chunks : int, default=16
-        HDF5 chunks per block (16,384 rows with the writer's 1,024-row chunks).
+    block_chunks : int or None, default=None
+        HDF5 chunks per block; None takes as many as hold 16,384 rows (16 of
+        the 1,024-row chunks of embedding files, 256 of the 64-row chunks of
+        activations cached at a cut). Rows are shuffled within a block, and a
+        file ``extract`` wrote from a folder of images holds its classes one
+        after the other: blocks of a few chunks would give each class's rows
+        to a few consecutive batches of an epoch.
     prefetch : int, default=2
         Blocks read ahead of training.
 
     Attributes
     ----------
-    shape : (int, int)
-        Complete rows and features.
+    shape : tuple of int
+        Complete rows and features: ``(n_rows, n_features)``, or ``(n_rows,
+        *row_shape)`` for activations cached at a cut, whose rows
+        :meth:`read` and :meth:`blocks` return in their shape.
     labels : ndarray of int64 or None
         The split's labels (in memory; None for a bare data set).
     chunk_rows : int
@@ -599,12 +610,14 @@ class FeatureSplit:
     (3, 3) [0, 1, 1] 3.0
     """
 
-    def __init__(self, source, split="train", *, block_chunks=16, prefetch=2):
+    def __init__(self, source, split="train", *, block_chunks=None, prefetch=2):
+        row_shape = None
         if isinstance(source, FeatureFile):
             self.name = f"split {split!r} of {str(source.path)!r}"
             self._features = source._group(split)["features"]
             n_rows = source.n_rows(split)
             self.labels = source.labels(split)
+            row_shape = source.row_shape
         elif isinstance(source, h5py.Dataset):
             if source.ndim != 2:
                 raise ValueError(f"An h5py data set of features must be 2-D; got {source.shape}.")
@@ -621,8 +634,11 @@ class FeatureSplit:
                 f"The {self.name} has no rows, so there is nothing to stream; write rows to it "
                 "first (FeatureWriter.append, extract) or pass another split."
             )
-        self.shape = (int(n_rows), int(self._features.shape[1]))
+        row_shape = (int(self._features.shape[1]),) if row_shape is None else tuple(row_shape)
+        self.shape = (int(n_rows), *row_shape)
         self.chunk_rows = int((self._features.chunks or (1024,))[0])
+        if block_chunks is None:
+            block_chunks = max(1, BLOCK_ROWS // self.chunk_rows)
         self.block_chunks, self.prefetch = int(block_chunks), int(prefetch)
 
     def __len__(self):
@@ -635,14 +651,28 @@ class FeatureSplit:
         return self.read(0, self.shape[0], dtype or np.float32)
 
     def read(self, start, stop, dtype=np.float32):
-        """Rows ``start:stop`` as an array."""
+        """Rows ``start:stop`` as an array, each row in its shape."""
         try:
-            return np.asarray(self._features[start:stop], dtype=dtype)
+            rows = np.asarray(self._features[start:stop], dtype=dtype)
+            return rows.reshape(len(rows), *self.shape[1:])
         except _H5_ERRORS as exc:
             raise FeatureFileError(
                 f"Could not read rows {start}:{stop} of {self.name} ({exc}); the file may be "
                 "truncated or corrupt."
             ) from exc
+
+    def take(self, rows, dtype=np.float32):
+        """The rows at indices ``rows``, in that order, reading only the chunks that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=dtype)
+        order = np.argsort(rows, kind="stable")
+        chunks, starts = np.unique(rows[order] // self.chunk_rows, return_index=True)
+        ends = [*starts[1:], len(rows)]
+        for chunk, a, b in zip(chunks, starts, ends, strict=True):
+            first = int(chunk) * self.chunk_rows
+            block = self.read(first, min(first + self.chunk_rows, self.shape[0]), dtype)
+            out[order[a:b]] = block[rows[order[a:b]] - first]
+        return out
 
     def chunk_slices(self):
         """The row ranges of the HDF5 chunks, in file order."""
@@ -650,7 +680,7 @@ class FeatureSplit:
         return [(start, min(start + self.chunk_rows, n)) for start in range(0, n, self.chunk_rows)]
 
     def blocks(self, order=None):
-        """Yield ``(rows, X)`` blocks: row indices (int64) and their float32 features.
+        """Yield ``(rows, X)`` blocks: row indices (int64) and their float32 rows.
 
         Parameters
         ----------
