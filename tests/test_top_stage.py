@@ -613,12 +613,13 @@ def test_views_of_a_cut_file_come_back_in_the_maps_shape(tmp_path):
     np.testing.assert_allclose(V[:, 1], mirrored, atol=2e-3)  # float16 storage
 
 
-@pytest.mark.parametrize("tau", [1.0, 0.5])
-def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeypatch):
+def fitted_without_and_with_recalibration(estimator, monkeypatch):
+    """``estimator`` with a top fitted twice on a long-tailed maps problem, without then with
+    recalibration, and the test maps. This top's held-out offsets shrink to zero; given ones
+    check how they are applied."""
     X, y = activations(2000)
     X_test, _ = activations(300, seed=1)
     keep = long_tailed_subset(y, 10, random_state=0)
-    # This top's held-out offsets shrink to zero; given ones check how they are applied.
     fitted = TorchHeadClassifier._held_out_calibration
 
     def with_offsets(self, *args):
@@ -628,10 +629,18 @@ def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeyp
     monkeypatch.setattr(TorchHeadClassifier, "_held_out_calibration", with_offsets)
     stage = TopStage(top=small_top(), epochs=4, lr=3e-3)
     plain, fixed = (
-        BalancedSoftmaxClassifier(
-            tau=tau, head=clone(stage).set_params(recalibrate=on), random_state=0
-        ).fit(X[keep], y[keep])
+        clone(estimator)
+        .set_params(head=clone(stage).set_params(recalibrate=on))
+        .fit(X[keep], y[keep])
         for on in (False, True)
+    )
+    return plain, fixed, X_test
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeypatch):
+    plain, fixed, X_test = fitted_without_and_with_recalibration(
+        BalancedSoftmaxClassifier(tau=tau, random_state=0), monkeypatch
     )
     T, b = plain.calibration_temperature_, plain.calibration_bias_
     assert abs(T - 1.0) > 0.05
@@ -652,22 +661,8 @@ def test_recalibration_applies_the_held_out_temperature_and_offsets(tau, monkeyp
 
 
 def test_prl_recalibration_corrects_every_preference_balanced_logits(monkeypatch):
-    X, y = activations(2000)
-    X_test, _ = activations(300, seed=1)
-    keep = long_tailed_subset(y, 10, random_state=0)
-    fitted = TorchHeadClassifier._held_out_calibration
-
-    def with_offsets(self, *args):
-        T, b, covariance, confusion = fitted(self, *args)
-        return T, b + np.array([0.3, -0.2, 0.1, 0.0]), covariance, confusion
-
-    monkeypatch.setattr(TorchHeadClassifier, "_held_out_calibration", with_offsets)
-    stage = TopStage(top=small_top(), epochs=4, lr=3e-3)
-    plain, fixed = (
-        PRLClassifier(head=clone(stage).set_params(recalibrate=on), random_state=0).fit(
-            X[keep], y[keep]
-        )
-        for on in (False, True)
+    plain, fixed, X_test = fitted_without_and_with_recalibration(
+        PRLClassifier(random_state=0), monkeypatch
     )
     T, b = plain.calibration_temperature_, plain.calibration_bias_
     assert abs(T - 1.0) > 0.05
