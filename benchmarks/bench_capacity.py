@@ -338,7 +338,7 @@ def validation_pool(args, train_labels, ratio, seed):
             )
             rows.append(row)
             print(row, flush=True)
-            if cls is PRLClassifier:
+            if model._recalibrates_top:
                 print(f"  without the recalibration: {uncorrected_score(model, P, y_pool):.2f}")
             if cls is SADEClassifier:
                 # Each expert's logits alone (forward, uniform, backward): is the gain
@@ -359,7 +359,8 @@ def uncorrected_score(model, X, y):
     """Accuracy of the same fit without TopStage's recalibration (``recalibrate=True``)."""
     top = model.module_.head
     corrected = top.head
-    # BalancedSoftmax's correction wraps its head as .head, PRL's its network as .network.
+    # BalancedSoftmax's and SADE's corrections wrap their head as .head, PRL's its network
+    # as .network.
     top.head = getattr(corrected, "network", getattr(corrected, "head", corrected))
     try:
         return 100 * model.score(X, y)
@@ -540,6 +541,9 @@ def main():
                 )
                 rows_out.append(row)
                 print(row, flush=True)
+                if top and model._recalibrates_top and model.head.recalibrate:
+                    uncorrected = uncorrected_score(model, X_eval, y_test)
+                    print(f"  without the recalibration: {uncorrected:.2f}")
                 if cls is RIDEClassifier:
                     print(
                         "  experts used per test row:",
