@@ -338,7 +338,7 @@ def validation_pool(args, train_labels, ratio, seed):
             )
             rows.append(row)
             print(row, flush=True)
-            if model._recalibrates_top:
+            if model._recalibrates_top and stage.recalibrate:
                 print(f"  without the recalibration: {uncorrected_score(model, P, y_pool):.2f}")
             if cls is SADEClassifier:
                 # Each expert's logits alone (forward, uniform, backward): is the gain
@@ -359,8 +359,7 @@ def uncorrected_score(model, X, y):
     """Accuracy of the same fit without TopStage's recalibration (``recalibrate=True``)."""
     top = model.module_.head
     corrected = top.head
-    # BalancedSoftmax's and SADE's corrections wrap their head as .head, PRL's its network
-    # as .network.
+    # BalancedSoftmax's correction wraps its head as .head, PRL's its network as .network.
     top.head = getattr(corrected, "network", getattr(corrected, "head", corrected))
     try:
         return 100 * model.score(X, y)

@@ -199,17 +199,12 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
         return None
 
     #: Whether a :class:`~ltlearn.top_stage.TopStage` fit can correct the model's logits
-    #: (``_recalibrated_head``); RIDE keeps its experts' logits, which its router learnt.
+    #: (``_recalibrated_head``); multi-expert models keep their experts' logits.
     _recalibrates_top = False
 
-    def _recalibrated_head(self, head, temperature, bias, X_held, y_held):
+    def _recalibrated_head(self, head, temperature, bias):
         """``head`` made to output logits whose balanced part is divided by ``temperature``
-        and shifted by ``bias`` (``_recalibrates_top`` estimators).
-
-        ``temperature`` and ``bias`` calibrate :meth:`_balanced_logits` on the
-        held-out rows ``X_held`` (labels ``y_held``, class indices), which
-        models with several balanced parts read to calibrate each of them.
-        """
+        and shifted by ``bias`` (``_recalibrates_top`` estimators)."""
         raise NotImplementedError
 
     def _check_prediction_params(self):
@@ -648,15 +643,16 @@ class TorchHeadClassifier(ClassifierMixin, BaseEstimator):
             self.device_ = str(device)
             recalibrate = self.head.recalibrate and self._recalibrates_top
             calibrate = getattr(self, "calibration_cv", None) is not None
-            calibration = None
-            if len(held) and (calibrate or recalibrate):
-                X_held = X.take(held) if split is not None else X[held]
-                calibration = self._held_out_calibration(X_held, y_index[held])
+            calibration = (
+                self._held_out_calibration(
+                    X.take(held) if split is not None else X[held], y_index[held]
+                )
+                if len(held) and (calibrate or recalibrate)
+                else None
+            )
             if recalibrate and calibration is not None:
                 temperature, bias, covariance, confusion = calibration
-                module.head = self._recalibrated_head(
-                    module.head, temperature, bias, X_held, y_index[held]
-                )
+                module.head = self._recalibrated_head(module.head, temperature, bias)
                 calibration = 1.0, np.zeros_like(bias), covariance, confusion
             self._set_calibration(calibration if calibrate else None)
             return self

@@ -310,7 +310,7 @@ class BalancedSoftmaxClassifier(TorchHeadClassifier):
 
     _recalibrates_top = True
 
-    def _recalibrated_head(self, head, temperature, bias, X_held, y_held):
+    def _recalibrated_head(self, head, temperature, bias):
         # balanced' = balanced / T + b, with balanced = raw + offset.
         offset = self.criterion_.adjustment.numpy().astype(np.float64) - np.log(self.class_prior_)
         return _Recalibrated(head, 1.0 / temperature, offset * (1.0 / temperature - 1.0) + bias)

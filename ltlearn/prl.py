@@ -558,7 +558,7 @@ class PRLClassifier(TorchHeadClassifier):
 
     _recalibrates_top = True
 
-    def _recalibrated_head(self, head, temperature, bias, X_held, y_held):
+    def _recalibrated_head(self, head, temperature, bias):
         return _RecalibratedNetwork(head, temperature, bias)
 
     def _network(self):

@@ -46,9 +46,8 @@ from torch.nn import functional as F
 from ltlearn._base import TorchHeadClassifier
 from ltlearn._training import fit_module, torch_generator
 from ltlearn.adaptation import LABEL_SHIFT_METHODS
-from ltlearn.calibration import _calibrate_balanced_logits
 from ltlearn.losses import DiverseExpertLoss, inverse_prior
-from ltlearn.top_stage import TopStage, _Recalibrated
+from ltlearn.top_stage import TopStage
 
 __all__ = ["ExpertHeads", "SADEClassifier"]
 
@@ -431,31 +430,6 @@ class SADEClassifier(TorchHeadClassifier):
             generator=generator,
         )
 
-    _recalibrates_top = True
-
-    def _recalibrated_head(self, head, temperature, bias, X_held, y_held):
-        # Experts with their own tops overfit their rows each in its own way, so each
-        # expert's balanced logits (raw ones less the prior its loss trained it for) get
-        # their own held-out temperature and offsets: the uniform expert's are those given.
-        log_prior = np.log(self.class_prior_)
-        offsets = log_prior - self.criterion_.adjustments.numpy().astype(np.float64)
-        raw = self._logits(X_held).astype(np.float64)
-        scales, shifts = [], []
-        for expert, logits, offset in zip(EXPERTS, raw, offsets, strict=True):
-            T, b = (
-                (temperature, bias)
-                if expert == "uniform"
-                else _calibrate_balanced_logits(
-                    logits - offset,
-                    y_held,
-                    np.ones(len(y_held)),
-                    np.broadcast_to(log_prior, logits.shape),
-                )[:2]
-            )
-            scales.append(1.0 / T)
-            shifts.append(offset * (1.0 / T - 1.0) + b)
-        return _Recalibrated(head, np.reshape(scales, (-1, 1, 1)), np.stack(shifts)[:, None])
-
     def _source_logits(self, X):
         # The uniform expert was fitted with softmax(logits + log(prior)) to the labels.
         return self._logits(X)[1] + np.log(self.class_prior_).astype(np.float32)
@@ -467,7 +441,7 @@ class SADEClassifier(TorchHeadClassifier):
         return np.einsum("e,enc->nc", weights.astype(np.float32), self._logits(X))
 
     def expert_decision_function(self, X):
-        """The logits of each expert (recalibrated, with a ``TopStage`` that recalibrates).
+        """The raw logits of each expert.
 
         Parameters
         ----------

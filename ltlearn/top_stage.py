@@ -253,13 +253,11 @@ class TopStage(BaseEstimator):
         Correct the kept model's logits by the temperature and class offsets
         that calibrate them on the held-out rows (those of
         ``calibration_cv``'s calibration, fitted on these rows instead of
-        cross-fitted copies): :class:`~ltlearn.BalancedSoftmaxClassifier`'s;
-        those of every preference of :class:`~ltlearn.PRLClassifier`, whose
-        balanced logits are corrected and the class offsets the preference
-        stands for left as they are; and those of each of
-        :class:`~ltlearn.SADEClassifier`'s experts, each with a temperature
-        and offsets of its own, the prior its loss trained it for left as
-        it is. Fine-tuning nearly
+        cross-fitted copies), for estimators with one top
+        (:class:`~ltlearn.BalancedSoftmaxClassifier`, and
+        :class:`~ltlearn.PRLClassifier`, whose every preference gets the
+        correction of its balanced logits, the class offsets it stands for
+        left as they are). Fine-tuning nearly
         memorises the training rows, so the logit adjustment stops acting
         and the model leans toward the head classes: on CIFAR-10-LT at IR
         100 (validation pool, two seeds) the correction raised balanced
@@ -267,8 +265,8 @@ class TopStage(BaseEstimator):
         ``train="all"`` and views, and by 0.00 and 0.34 point with the
         defaults. The fitted model then predicts the
         corrected logits, and its ``calibration_temperature_`` and
-        ``calibration_bias_`` are 1 and 0. :class:`~ltlearn.RIDEClassifier`
-        keeps its experts' logits, which its router learnt to read.
+        ``calibration_bias_`` are 1 and 0. Multi-expert estimators keep
+        their experts' logits, which their aggregation or router weighs.
         Needs held-out rows (``validation_fraction > 0``).
 
     Examples

@@ -21,7 +21,6 @@ from ltlearn.exceptions import LtlearnError
 from ltlearn.features import FeatureFile, extract, merge
 from ltlearn.features.backbones import from_module
 from ltlearn.features.io import FeatureSplit, FeatureWriter, write_features
-from ltlearn.sade import EXPERTS
 from ltlearn.top_stage import TopStage, _Recalibrated
 
 
@@ -687,40 +686,10 @@ def test_prl_recalibration_corrects_every_preference_balanced_logits(monkeypatch
     )
 
 
-def test_sade_recalibration_corrects_each_expert_and_keeps_its_prior(monkeypatch):
-    plain, fixed, X_test = fitted_without_and_with_recalibration(
-        SADEClassifier(expert_head="cosine", random_state=0), monkeypatch
-    )
-    raw, corrected = plain.expert_decision_function(X_test), fixed.expert_decision_function(X_test)
-    log_prior = np.log(plain.class_prior_)
-    # What each expert's loss trained its raw logits for: raw = balanced + offset.
-    offsets = log_prior - plain.criterion_.adjustments.numpy()
-    temperatures = []
-    for expert, before, after, offset in zip(EXPERTS, raw, corrected, offsets, strict=True):
-        # after = before / T + shift, one T per expert: solved from two rows' differences.
-        scale = np.ptp(after, axis=0) / np.ptp(before, axis=0)
-        np.testing.assert_allclose(scale, scale[0], rtol=1e-3)
-        T = 1.0 / scale[0]
-        bias = (after - before / T).mean(axis=0) + offset * (1.0 / T - 1.0)
-        np.testing.assert_allclose(after, (before - offset) / T + bias + offset, atol=1e-3)
-        if expert == "uniform":
-            # The temperature and offsets adaptation reads, applied inside the model.
-            assert T == pytest.approx(plain.calibration_temperature_, rel=1e-3)
-            np.testing.assert_allclose(bias, plain.calibration_bias_, atol=1e-3)
-        else:
-            # Calibration shifts the balanced part only: the prior the expert stands for stays.
-            assert np.ptp(bias) < 0.25 * np.ptp(offset)
-        temperatures.append(T)
-    assert np.ptp(temperatures) > 0.02  # each expert its own temperature
-    assert fixed.calibration_temperature_ == 1.0 and not fixed.calibration_bias_.any()
-    again = pickle.loads(pickle.dumps(fixed))
-    np.testing.assert_array_equal(again.decision_function(X_test), fixed.decision_function(X_test))
-
-
-def test_recalibration_needs_held_out_rows_and_spares_ride():
+def test_recalibration_needs_held_out_rows_and_spares_experts():
     X, y = activations(400)
     stage = TopStage(top=small_top(), epochs=1, lr=3e-3, validation_fraction=0)
     clf = BalancedSoftmaxClassifier(head=stage, random_state=0).fit(X, y)
     assert not isinstance(clf.module_.head.head, _Recalibrated)
-    ride = RIDEClassifier(head=TopStage(top=small_top(), epochs=1), random_state=0).fit(X, y)
-    assert not isinstance(ride.module_.head.head, _Recalibrated)
+    sade = SADEClassifier(head=TopStage(top=small_top(), epochs=1), random_state=0).fit(X, y)
+    assert not isinstance(sade.module_.head.head, _Recalibrated)
