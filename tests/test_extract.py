@@ -329,6 +329,57 @@ def test_tiny_open_clip_model(folder, tmp_path):
         open_clip_backbone("ltlearn-tiny", checkpoint=tmp_path / "missing.bin")
 
 
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+def test_open_clip_vit_cuts_into_trunk_and_top(folder, tmp_path, pool_type):
+    open_clip = pytest.importorskip("open_clip")
+    from ltlearn import BalancedSoftmaxClassifier, TopStage
+    from ltlearn.features.backbones import load_backbone
+
+    config = {
+        "embed_dim": 8,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 3,
+            "width": 16,
+            "head_width": 8,
+            "patch_size": 8,
+            "pool_type": pool_type,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
+    name = f"ltlearn-tiny-vit-{pool_type}"
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    backbone = load_backbone(f"open_clip:{name}:random")
+    assert backbone.module.pool_type == pool_type
+    trunk, top = backbone.split("transformer.resblocks.0")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = trunk(x)
+        assert tokens.shape == (4, 1 + 16, 16)  # the class token and 4 x 4 patches
+        np.testing.assert_allclose(top(tokens), backbone.module(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'transformer.resblocks.0' ... 'transformer.resblocks.1'"):
+        backbone.split("transformer.resblocks.2")
+    out = extract(
+        ImageFolderSource(folder),
+        backbone,
+        tmp_path / "cut.h5",
+        cut="transformer.resblocks.0",
+        num_workers=0,
+        verbose=False,
+    )
+    A, y = FeatureFile(out).read("train")
+    assert A.shape == (10, 17, 16)
+    stage = TopStage(backbone=backbone, cut="transformer.resblocks.0", epochs=1)
+    clf = BalancedSoftmaxClassifier(head=stage, random_state=0).fit(A, y)
+    # train="last": the middle block is frozen; the last block and the pooling train.
+    module = clf.module_.head
+    assert not any(p.requires_grad for p in module.shared.parameters())
+    assert any(True for _ in module.shared.parameters())
+    assert all(p.requires_grad for p in module.tops[0].parameters())
+    assert clf.predict(A).shape == (10,)
+
+
 def test_cli_extract_merge_and_exit_codes(folder, tmp_path, capsys):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 16), torch.nn.Flatten()).eval()
     torch.jit.save(torch.jit.trace(net, torch.zeros(1, 3, 16, 16)), tmp_path / "net.pt")

@@ -119,7 +119,8 @@ class Backbone:
         ----------
         cut : str
             A submodule name, as in ``module.named_modules()``, e.g.
-            ``"model._blocks.14"`` for EfficientNet-Lite0's last-but-one block.
+            ``"model._blocks.14"`` for EfficientNet-Lite0's last-but-one block,
+            ``"transformer.resblocks.10"`` for an open_clip ViT-B's.
 
         Returns
         -------
@@ -128,7 +129,8 @@ class Backbone:
         if self.splitter is None:
             raise ValueError(
                 f"Backbone {self.name!r} cannot be cut at a submodule: ltlearn knows how to split "
-                "EfficientNet-Lite0, torchvision ResNets and torch.nn.Sequential modules; for "
+                "EfficientNet-Lite0, torchvision ResNets, open_clip ViTs (class-token or average "
+                "pooling) and torch.nn.Sequential modules; for "
                 "another module pass splitter=<callable cut -> (trunk, top)> to from_module."
             )
         trunk, top = self.splitter(cut)
@@ -247,6 +249,81 @@ def _sequential_splitter(children, tail=()):
     return split
 
 
+class _TokenBlock(torch.nn.Module):
+    """A transformer block of an open_clip ViT run on batch-first tokens ``(n, tokens, d)``."""
+
+    def __init__(self, block, batch_first):
+        super().__init__()
+        self.block, self.batch_first = block, batch_first
+
+    def forward(self, x):
+        if self.batch_first:
+            return self.block(x)
+        return self.block(x.transpose(0, 1)).transpose(0, 1)
+
+
+class _ViTTrunk(torch.nn.Module):
+    """An open_clip ViT's patch and position embeddings and its first ``stop`` blocks."""
+
+    def __init__(self, vit, stop):
+        super().__init__()
+        self.conv1, self.ln_pre = vit.conv1, vit.ln_pre
+        self.class_embedding = vit.class_embedding
+        self.positional_embedding = vit.positional_embedding
+        batch_first = getattr(vit.transformer, "batch_first", True)
+        self.blocks = torch.nn.Sequential(
+            *(_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[:stop])
+        )
+
+    def forward(self, x):
+        patches = self.conv1(x).flatten(2).transpose(1, 2)
+        token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
+        tokens = torch.cat([token, patches], dim=1) + self.positional_embedding.to(patches.dtype)
+        return self.blocks(self.ln_pre(tokens))
+
+
+class _ViTPool(torch.nn.Module):
+    """An open_clip ViT's final layer norm, token pooling and projection."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.ln_post, self.proj = vit.ln_post, vit.proj
+        self.pool_type = vit.pool_type
+        self.final_ln_after_pool = vit.final_ln_after_pool
+
+    def forward(self, x):
+        if not self.final_ln_after_pool:
+            x = self.ln_post(x)
+        pooled = x[:, 0] if self.pool_type == "tok" else x[:, 1:].mean(dim=1)
+        if self.final_ln_after_pool:
+            pooled = self.ln_post(pooled)
+        return pooled if self.proj is None else pooled @ self.proj
+
+
+def _open_clip_vit_splitter(vit):
+    """Cuts after one of the ViT's transformer blocks; the top holds the later blocks and the
+    pooling, as a sequence whose last part (the last block with the pooling) is its own."""
+    if getattr(vit, "attn_pool", None) is not None or vit.pool_type not in ("tok", "avg"):
+        return None
+    n_blocks = len(vit.transformer.resblocks)
+    batch_first = getattr(vit.transformer, "batch_first", True)
+
+    def split(cut):
+        names = [f"transformer.resblocks.{i}" for i in range(n_blocks - 1)]
+        if cut not in names:
+            raise ValueError(
+                f"cut={cut!r} is not a place where this ViT can be cut; use one of its blocks "
+                f"but the last, {names[0]!r} ... {names[-1]!r} (the top is then the blocks "
+                "after it and the pooling)."
+            )
+        stop = names.index(cut) + 1
+        blocks = [_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[stop:]]
+        last = torch.nn.Sequential(blocks.pop(), _ViTPool(vit))
+        return _ViTTrunk(vit, stop), torch.nn.Sequential(*blocks, last)
+
+    return split
+
+
 class _FixedOffset:
     """``(pixel - 127) / 128`` after a bicubic resize: EfficientNet-Lite's preprocessing."""
 
@@ -342,8 +419,13 @@ def open_clip_backbone(model_name, pretrained=None, *, checkpoint=None):
             )
     except RuntimeError as exc:
         raise ValueError(f"open_clip could not build {model_name!r}: {exc}") from exc
+    vit = hasattr(model.visual, "transformer") and hasattr(model.visual, "class_embedding")
     return Backbone(
-        model.visual.eval(), preprocess, name=f"open_clip {model_name}", weights=weights
+        model.visual.eval(),
+        preprocess,
+        name=f"open_clip {model_name}",
+        weights=weights,
+        splitter=_open_clip_vit_splitter(model.visual) if vit else None,
     )
 
 
