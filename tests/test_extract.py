@@ -329,8 +329,8 @@ def test_tiny_open_clip_model(folder, tmp_path):
         open_clip_backbone("ltlearn-tiny", checkpoint=tmp_path / "missing.bin")
 
 
-@pytest.mark.parametrize("pool_type", ["tok", "avg"])
-def test_open_clip_vit_cuts_into_trunk_and_top(folder, tmp_path, pool_type):
+@pytest.mark.parametrize("pool_type, batch_first", [("tok", True), ("avg", True), ("tok", False)])
+def test_open_clip_vit_cuts_into_trunk_and_top(folder, tmp_path, pool_type, batch_first):
     open_clip = pytest.importorskip("open_clip")
     from ltlearn import BalancedSoftmaxClassifier, TopStage
     from ltlearn.features.backbones import load_backbone
@@ -347,11 +347,16 @@ def test_open_clip_vit_cuts_into_trunk_and_top(folder, tmp_path, pool_type):
         },
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }
-    name = f"ltlearn-tiny-vit-{pool_type}"
+    name = f"ltlearn-tiny-vit-{pool_type}-{batch_first}"
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / f"{name}.json")
     backbone = load_backbone(f"open_clip:{name}:random")
     assert backbone.module.pool_type == pool_type
+    if not batch_first:
+        # As open_clip before 2.26 builds them: blocks on (tokens, n, width).
+        backbone.module.transformer.batch_first = False
+        for block in backbone.module.transformer.resblocks:
+            block.attn.batch_first = False
     trunk, top = backbone.split("transformer.resblocks.0")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -270,14 +270,15 @@ class _ViTTrunk(torch.nn.Module):
         self.conv1, self.ln_pre = vit.conv1, vit.ln_pre
         self.class_embedding = vit.class_embedding
         self.positional_embedding = vit.positional_embedding
-        batch_first = getattr(vit.transformer, "batch_first", True)
+        batch_first = getattr(vit.transformer, "batch_first", False)
         self.blocks = torch.nn.Sequential(
             *(_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[:stop])
         )
 
     def forward(self, x):
         patches = self.conv1(x).flatten(2).transpose(1, 2)
-        token = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
+        # shape[0], not len(): an ONNX export keeps the batch size dynamic only for the former.
+        token = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
         tokens = torch.cat([token, patches], dim=1) + self.positional_embedding.to(patches.dtype)
         return self.blocks(self.ln_pre(tokens))
 
@@ -303,10 +304,9 @@ class _ViTPool(torch.nn.Module):
 def _open_clip_vit_splitter(vit):
     """Cuts after one of the ViT's transformer blocks; the top holds the later blocks and the
     pooling, as a sequence whose last part (the last block with the pooling) is its own."""
-    if getattr(vit, "attn_pool", None) is not None or vit.pool_type not in ("tok", "avg"):
-        return None
     n_blocks = len(vit.transformer.resblocks)
-    batch_first = getattr(vit.transformer, "batch_first", True)
+    if vit.attn_pool is not None or vit.pool_type not in ("tok", "avg") or n_blocks < 2:
+        return None
 
     def split(cut):
         names = [f"transformer.resblocks.{i}" for i in range(n_blocks - 1)]
@@ -317,6 +317,8 @@ def _open_clip_vit_splitter(vit):
                 "after it and the pooling)."
             )
         stop = names.index(cut) + 1
+        # open_clip before 2.26 has no batch_first: its blocks take (tokens, n, width).
+        batch_first = getattr(vit.transformer, "batch_first", False)
         blocks = [_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[stop:]]
         last = torch.nn.Sequential(blocks.pop(), _ViTPool(vit))
         return _ViTTrunk(vit, stop), torch.nn.Sequential(*blocks, last)
@@ -419,7 +421,7 @@ def open_clip_backbone(model_name, pretrained=None, *, checkpoint=None):
             )
     except RuntimeError as exc:
         raise ValueError(f"open_clip could not build {model_name!r}: {exc}") from exc
-    vit = hasattr(model.visual, "transformer") and hasattr(model.visual, "class_embedding")
+    vit = isinstance(model.visual, open_clip.transformer.VisionTransformer)
     return Backbone(
         model.visual.eval(),
         preprocess,
