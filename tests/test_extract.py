@@ -297,23 +297,24 @@ def test_tuple_outputs_need_an_index():
     assert backbone.embed(torch.ones(1, 3, 4, 4)).shape == (1, 3)
 
 
-def test_tiny_open_clip_model(folder, tmp_path):
+def register_tiny_open_clip(tmp_path, name, **vision):
+    """Register a tiny open_clip model ``name``: a 32 x 32 ViT, ``vision`` overriding its
+    tower's settings."""
     open_clip = pytest.importorskip("open_clip")
-    from ltlearn.features.backbones import load_backbone, open_clip_backbone
-
+    vision_cfg = {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16}
     config = {
         "embed_dim": 8,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 1,
-            "width": 16,
-            "head_width": 8,
-            "patch_size": 16,
-        },
+        "vision_cfg": {**vision_cfg, **vision},
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }
-    (tmp_path / "ltlearn-tiny.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "ltlearn-tiny.json")
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+
+
+def test_tiny_open_clip_model(folder, tmp_path):
+    register_tiny_open_clip(tmp_path, "ltlearn-tiny")
+    from ltlearn.features.backbones import load_backbone, open_clip_backbone
+
     with pytest.raises(ValueError, match="given no weights.*'open_clip:ltlearn-tiny:random'"):
         open_clip_backbone("ltlearn-tiny")
     with pytest.raises(ValueError, match="given no weights"):
@@ -331,25 +332,11 @@ def test_tiny_open_clip_model(folder, tmp_path):
 
 @pytest.mark.parametrize("pool_type, batch_first", [("tok", True), ("avg", True), ("tok", False)])
 def test_open_clip_vit_cuts_into_trunk_and_top(folder, tmp_path, pool_type, batch_first):
-    open_clip = pytest.importorskip("open_clip")
+    name = f"ltlearn-tiny-vit-{pool_type}-{batch_first}"
+    register_tiny_open_clip(tmp_path, name, layers=3, patch_size=8, pool_type=pool_type)
     from ltlearn import BalancedSoftmaxClassifier, TopStage
     from ltlearn.features.backbones import load_backbone
 
-    config = {
-        "embed_dim": 8,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 3,
-            "width": 16,
-            "head_width": 8,
-            "patch_size": 8,
-            "pool_type": pool_type,
-        },
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-    }
-    name = f"ltlearn-tiny-vit-{pool_type}-{batch_first}"
-    (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / f"{name}.json")
     backbone = load_backbone(f"open_clip:{name}:random")
     assert backbone.module.pool_type == pool_type
     if not batch_first:
