@@ -263,17 +263,14 @@ class _TokenBlock(torch.nn.Module):
 
 
 class _ViTTrunk(torch.nn.Module):
-    """An open_clip ViT's patch and position embeddings and its first ``stop`` blocks."""
+    """An open_clip ViT's patch and position embeddings, then ``blocks`` (its first ones)."""
 
-    def __init__(self, vit, stop):
+    def __init__(self, vit, blocks):
         super().__init__()
         self.conv1, self.ln_pre = vit.conv1, vit.ln_pre
         self.class_embedding = vit.class_embedding
         self.positional_embedding = vit.positional_embedding
-        batch_first = getattr(vit.transformer, "batch_first", False)
-        self.blocks = torch.nn.Sequential(
-            *(_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[:stop])
-        )
+        self.blocks = torch.nn.Sequential(*blocks)
 
     def forward(self, x):
         patches = self.conv1(x).flatten(2).transpose(1, 2)
@@ -319,9 +316,9 @@ def _open_clip_vit_splitter(vit):
         stop = names.index(cut) + 1
         # open_clip before 2.26 has no batch_first: its blocks take (tokens, n, width).
         batch_first = getattr(vit.transformer, "batch_first", False)
-        blocks = [_TokenBlock(b, batch_first) for b in vit.transformer.resblocks[stop:]]
-        last = torch.nn.Sequential(blocks.pop(), _ViTPool(vit))
-        return _ViTTrunk(vit, stop), torch.nn.Sequential(*blocks, last)
+        blocks = [_TokenBlock(b, batch_first) for b in vit.transformer.resblocks]
+        last = torch.nn.Sequential(blocks[-1], _ViTPool(vit))
+        return _ViTTrunk(vit, blocks[:stop]), torch.nn.Sequential(*blocks[stop:-1], last)
 
     return split
 
